@@ -1,0 +1,87 @@
+"""The attack plugin contract (breaching-style split of attacker from case).
+
+An attack sees only what a (possibly malicious) server saw from one client in one
+round -- :class:`Observation` -- and returns a :class:`Reconstruction`. Ground truth
+never enters the attack: the harness (``attacks.harness``) scores reconstructions
+against the simulation's knowledge of the client's batch afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from fl.registry import Registry
+from models.tasks import TaskSpec
+
+ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="fedprobe.attacks")
+
+
+@dataclass
+class Observation:
+    """What the server saw from one client in one round.
+
+    ``global_params`` were sent, ``client_params`` came back (after the client's own
+    defenses, before any server-side defense). ``metadata`` is what the client
+    reported: ``num_examples``, ``local_steps``, ``lr``, ``batch_size``,
+    ``optimizer``. ``labels`` is set only when the threat model grants them.
+    ``model_factory()`` builds the (architecture-only) model the server trains.
+    """
+
+    server_round: int
+    node_id: int
+    partition_id: int
+    global_params: dict[str, torch.Tensor]
+    client_params: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    task: TaskSpec
+    model_factory: Callable[[], nn.Module]
+    labels: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors a client mode shares (attention maps)
+
+    def update(self) -> dict[str, torch.Tensor]:
+        """client - global, per parameter."""
+        return {k: self.client_params[k] - self.global_params[k] for k in self.client_params}
+
+    def pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """(global - client) / (lr * local_steps): the gradient for FedSGD, its average for FedAvg."""
+        scale = float(self.metadata.get("lr", 1.0)) * max(int(self.metadata.get("local_steps", 1)), 1)
+        return {k: (self.global_params[k] - self.client_params[k]) / scale for k in self.client_params}
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered; any field may be None."""
+
+    inputs: torch.Tensor | None = None  # images [B, C, H, W] in the task's normalised space
+    tokens: torch.Tensor | None = None  # token ids [B, L]
+    labels: torch.Tensor | None = None  # [B]
+    metrics: dict[str, float] = field(default_factory=dict)  # attack-side numbers (loss, norms, time)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # anything else worth logging
+
+
+class Attack:
+    """Base class: subclass, set ``threat_model``, implement :meth:`attack`.
+
+    ``threat_model`` is ``"honest"`` (honest-but-curious: reads updates) or
+    ``"malicious"`` (may also change the model sent to victims via :meth:`craft`).
+    ``needs_labels`` asks the harness for the victim's labels (only granted when the
+    attack config says the threat model includes them).
+    """
+
+    threat_model: ClassVar[str] = "honest"
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise TypeError(f"unexpected parameters {sorted(params)}")
+
+    def attack(self, obs: Observation) -> Reconstruction:
+        raise NotImplementedError
+
+    def craft(self, global_params: dict[str, torch.Tensor], server_round: int, partition_id: int) -> dict[str, torch.Tensor]:
+        """Malicious servers: return the parameters to send to this victim (default: unchanged)."""
+        return global_params

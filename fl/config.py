@@ -1,0 +1,216 @@
+"""The one validated experiment schema.
+
+A config is a TOML file with the sections below; every key has a default, so a file
+only names what it changes. ``load_config(path, overrides)`` reads, applies
+``--set dotted.key=value`` overrides and validates; any problem raises
+:class:`ConfigError` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Invalid experiment configuration (one line, names the key)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentConfig(_Section):
+    name: str = "fedprobe"
+    seed: int = Field(0, ge=0, lt=2**32, description="global seed (numpy, torch, partitioning)")
+    description: str = ""
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(10, ge=1, description="virtual clients (SuperNodes) in the simulation")
+    clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 means all")
+    rounds: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1, description="local epochs when local_steps is 0")
+    local_steps: int = Field(0, ge=0, description="local optimizer steps per round; 0 means use local_epochs")
+    batch_size: int = Field(16, ge=1)
+    client_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per simulated client")
+    client_gpus: float = Field(0.0, ge=0, description="GPU share Ray reserves per simulated client")
+    min_replies: int = Field(1, ge=1, description="rounds with fewer successful replies fail")
+    failure_rate: float = Field(0.0, ge=0, lt=1, description="fraction of clients that crash each round (fault injection)")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies in one round")
+    device: str = Field("auto", description="client torch device: auto, cpu or cuda")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) exceeds "
+                f"federation.num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    dataset: str = Field("digits", description="a registered dataset (fedprobe list)")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition = dirichlet)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's data held out for validation")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the dataset held out for central evaluation")
+    params: dict[str, Any] = Field(default_factory=dict, description="dataset-specific options (path, ...)")
+
+
+class ModelConfig(_Section):
+    family: str = Field("vit", description="vit, bert, gpt2 (fedprobe list)")
+    size: Literal["tiny", "small"] = "tiny"
+    attention: str = Field("standard", description="attention kernel (fedprobe list)")
+    attention_params: dict[str, Any] = Field(default_factory=dict)
+    adapter: Literal["full", "ntk", "lora", "prefix"] = "full"
+    adapter_params: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str = Field("", description="local folder for from_pretrained; empty means random init")
+    params: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
+
+
+class OptimizerConfig(_Section):
+    name: str = Field("sgd", description="optimizer (fedprobe list)")
+    base: str = Field("adam", description="base optimizer for wrapping optimizers (rdbd, ra, rva, ...)")
+    lr: float = Field(0.05, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttackConfig(_Section):
+    name: str = Field("none", description="attack (fedprobe list), or package.module:Class")
+    params: dict[str, Any] = Field(default_factory=dict)
+    rounds: list[int] = Field(default_factory=list, description="rounds to attack; empty means every round")
+    victims: list[int] = Field(default_factory=list, description="client partition ids to attack; empty means all")
+    max_victims_per_round: int = Field(0, ge=0, description="cap on attacked clients per round; 0 means no cap")
+    device: str = Field("cpu", description="device the server-side attack runs on")
+
+
+class DefenseConfig(_Section):
+    name: str = Field(..., description="defense (fedprobe list), or package.module:Class")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrackingConfig(_Section):
+    uri: str = Field("", description="MLflow tracking URI; empty means sqlite:///mlflow.db in the working directory")
+    experiment: str = Field("fedprobe", description="MLflow experiment name")
+    run_name: str = ""
+    log_model: bool = True
+    output_dir: str = Field("fedprobe-output", description="folder for summaries, checkpoints and local artifacts")
+
+
+class Config(_Section):
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    defenses: list[DefenseConfig] = Field(default_factory=list)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config (tracking section excluded)."""
+        d = self.to_dict()
+        d.pop("tracking", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+        allowed = _allowed_keys(parent)
+        return f"unknown config key '{loc}'; allowed keys{' in [' + parent + ']' if parent else ''}: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"bad value for '{loc}': {e['msg'].replace('Input should be', 'expected')} (got {e.get('input')!r})"
+    if kind == "value_error":
+        return f"bad config{' at ' + repr(loc) if loc else ''}: {e['msg'].removeprefix('Value error, ')}"
+    return f"bad value for '{loc}': {e['msg']} (got {e.get('input')!r})"
+
+
+def _allowed_keys(dotted_section: str) -> list[str]:
+    model: Any = Config
+    for part in [p for p in dotted_section.split(".") if p and not p.isdigit()]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else ann
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return sorted(model.model_fields)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``dotted.key=value`` to a raw config dict in place."""
+    key, sep, value = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"bad --set {assignment!r}: expected dotted.key=value, e.g. federation.rounds=5")
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"bad --set key '{key}': '{'.'.join(parts[:i])}' is a list; use an index below {len(node)}")
+            node = node[int(part)]
+            continue
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"bad --set key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"bad --set key '{key}': use an index below {len(node)}")
+        node[int(last)] = parse_value(value)
+    else:
+        node[last] = parse_value(value)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (give the path to a .toml file, e.g. experiments/quickstart.toml)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a UTF-8 text file") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)

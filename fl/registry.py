@@ -1,0 +1,115 @@
+"""One registry pattern for every pluggable piece of fedprobe.
+
+Datasets, models, attention kernels, optimizers, attacks and defenses are each a
+:class:`Registry`. An entry is looked up by its registered name, by a dotted path
+``"package.module:Attribute"`` (third-party plugins, nothing to edit in the core),
+or by a name published under the registry's entry-point group (for example
+``fedprobe.attacks``) by an installed distribution.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(ValueError):
+    """An unknown or unloadable registry entry; the message says what is allowed."""
+
+
+def _summary(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+class Registry(Generic[T]):
+    """Name -> object table with dotted-path and entry-point fallbacks.
+
+    >>> ATTACKS = Registry("attack", entry_point_group="fedprobe.attacks")
+    >>> @ATTACKS.register("dlg")
+    ... class DLG: ...
+    >>> ATTACKS.get("dlg") is DLG
+    True
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; usable as a decorator."""
+
+        def add(o: T) -> T:
+            if name in self._entries and self._entries[name] is not o:
+                raise RegistryError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = o
+            return o
+
+        return add(obj) if obj is not None else add
+
+    def names(self) -> list[str]:
+        return sorted(set(self._entries) | set(self._entry_points()))
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(name, one-line summary) for every known entry, built-ins first."""
+        for name in sorted(self._entries):
+            yield name, _summary(self._entries[name])
+        for name in sorted(set(self._entry_points()) - set(self._entries)):
+            yield name, f"(entry point {self._entry_points()[name]})"
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except RegistryError:
+            return False
+        return True
+
+    def get(self, name: str) -> T:
+        """Resolve a registered name, a ``module:attr`` path or an entry point."""
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{self.kind} name must be a non-empty string, got {name!r}")
+        if name in self._entries:
+            return self._entries[name]
+        if ":" in name:
+            return self._load_path(name)
+        eps = self._entry_points()
+        if name in eps:
+            return eps[name].load()
+        allowed = ", ".join(self.names()) or "(none registered)"
+        raise RegistryError(
+            f"unknown {self.kind} {name!r}; choose one of: {allowed}, "
+            f"or give a plugin as 'package.module:Name'"
+        )
+
+    def create(self, name: str, /, **params: Any) -> Any:
+        """Look up ``name`` and call it with ``params`` (classes and factories alike)."""
+        factory = self.get(name)
+        try:
+            return factory(**params)  # type: ignore[operator]
+        except TypeError as exc:
+            raise RegistryError(f"bad parameters for {self.kind} {name!r}: {exc}") from exc
+
+    def _load_path(self, path: str) -> T:
+        module_name, _, attr = path.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise RegistryError(
+                f"cannot import {self.kind} plugin module {module_name!r} ({exc}); "
+                "check the dotted path and that the package is installed"
+            ) from exc
+        obj: Any = module
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise RegistryError(f"{self.kind} plugin {path!r}: {module_name} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        return obj
+
+    def _entry_points(self) -> dict[str, Any]:
+        if not self.entry_point_group:
+            return {}
+        return {ep.name: ep for ep in entry_points(group=self.entry_point_group)}
