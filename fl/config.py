@@ -88,6 +88,7 @@ class AttackConfig(_Section):
     rounds: list[int] = Field(default_factory=list, description="rounds to attack; empty means every round")
     victims: list[int] = Field(default_factory=list, description="client partition ids to attack; empty means all")
     max_victims_per_round: int = Field(0, ge=0, description="cap on attacked clients per round; 0 means no cap")
+    labels_known: bool = Field(False, description="threat model grants the victims' labels to the attack")
     device: str = Field("cpu", description="device the server-side attack runs on")
 
 

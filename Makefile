@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:   make quickstart   |   make test
+# Both create .venv on first use (CPU torch where there is no GPU) and install fedprobe into it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH_VERSION = 2.13.0
+# Elsewhere than this project's machines, a CPU-only box gets the small CPU build with
+#   make quickstart TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+STAMP   = $(VENV)/.fedprobe-installed
+
+.PHONY: setup quickstart test test-slow test-all clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/fedprobe run experiments/quickstart.toml --summary-json fedprobe-output/quickstart-summary.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) fedprobe-output mlflow.db mlruns

@@ -1,0 +1,65 @@
+"""fedprobe's Flower ClientApp: local training with defenses, on the Message API.
+
+The server sends the resolved experiment config with every train message, so a
+client needs nothing but its ``partition-id`` (node config) to take part.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl.arrays import from_record, to_record
+from fl.config import config_from_dict
+from fl.training import derive_seed, train_client
+
+app = ClientApp()
+
+CONFIG_KEY = "fedprobe-config"
+STATE_KEY = "fedprobe-client-state"
+
+
+class InjectedClientFailure(RuntimeError):
+    """A crash injected by ``federation.failure_rate`` (fault-tolerance testing)."""
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report which data partition this node holds (the server samples by partition)."""
+    return Message(RecordDict({"info": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg_record = msg.content["config"]
+    cfg = config_from_dict(json.loads(str(cfg_record[CONFIG_KEY])))
+    server_round = int(cfg_record["server-round"])
+    pid = _partition_id(context)
+
+    rate = cfg.federation.failure_rate
+    if rate > 0 and np.random.default_rng(derive_seed(cfg.experiment.seed, server_round, pid, 7)).random() < rate:
+        raise InjectedClientFailure(f"client {pid} crashed in round {server_round} (injected, failure_rate={rate})")
+
+    state_record = context.state.get(STATE_KEY)
+    client_state = json.loads(str(state_record["json"])) if state_record is not None else {}
+    result = train_client(
+        cfg, pid, from_record(msg.content["arrays"]), server_round, client_state,
+        record_oracle=bool(cfg_record.get("record-oracle", False)),
+    )
+    context.state[STATE_KEY] = ConfigRecord({"json": json.dumps(result.client_state)})
+
+    content = RecordDict({
+        "arrays": to_record(result.state),
+        "metrics": MetricRecord(result.metrics),
+        "meta": ConfigRecord({k: v for k, v in result.meta.items()}),
+    })
+    if result.oracle:  # simulation-only ground truth, stripped by the server before any attack sees the reply
+        content["oracle"] = to_record(result.oracle)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,39 @@
+"""Every registry in one place, with built-ins imported, and early config checks."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fl.config import Config, ConfigError
+from fl.registry import Registry, RegistryError
+
+
+def registries() -> dict[str, Registry[Any]]:
+    """kind -> registry, after importing the packages that register built-ins."""
+    from attacks.base import ATTACKS
+    from defenses.base import DEFENSES
+    from fl.data import DATASETS
+    from models import MODELS
+    from models.attention import ATTENTION
+    from optimizers import OPTIMIZERS
+
+    for pkg in ("attacks", "defenses", "optimizers", "models", "models.attention", "fl.data"):
+        importlib.import_module(pkg)
+    return {"dataset": DATASETS, "model": MODELS, "attention": ATTENTION, "optimizer": OPTIMIZERS,
+            "attack": ATTACKS, "defense": DEFENSES}
+
+
+def check_names(cfg: Config) -> None:
+    """Resolve every plugin name in the config now, so a typo fails before Ray starts."""
+    regs = registries()
+    checks = [("data.dataset", "dataset", cfg.data.dataset), ("model.family", "model", cfg.model.family),
+              ("model.attention", "attention", cfg.model.attention), ("optimizer.name", "optimizer", cfg.optimizer.name)]
+    if cfg.attack.name not in ("", "none"):
+        checks.append(("attack.name", "attack", cfg.attack.name))
+    checks += [(f"defenses.{i}.name", "defense", d.name) for i, d in enumerate(cfg.defenses)]
+    for key, kind, name in checks:
+        try:
+            regs[kind].get(name)
+        except RegistryError as exc:
+            raise ConfigError(f"{key}: {exc}") from None

@@ -1,0 +1,203 @@
+"""fedprobe's Flower ServerApp: the federated loop in plain sight.
+
+Each round: sample partitions -> (malicious craft) -> send -> inspect replies
+(reject bad ones, attack victims) -> aggregate (FedAvg, wrapped by server-side
+defenses) -> evaluate centrally on the held-out test split -> log to MLflow ->
+checkpoint. ``run_federation`` is the loop; ``app`` is the ServerApp that
+``flwr run .`` uses (config from the run config key ``config-path`` or
+``fedprobe-config``); ``fedprobe run`` calls ``run_federation`` through
+``fl.simulation``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl.arrays import from_record, load_trainable, to_record, trainable_state
+from fl.client_app import CONFIG_KEY
+from fl.config import Config, config_from_dict, load_config
+from fl.server_hook import ServerHook
+from fl.strategy import PartitionSampledFedAvg, discover_partitions
+from fl.tracking import Tracker
+from fl.training import build_defenses, evaluate, resolve_device, seed_everything
+
+log = logging.getLogger("fedprobe")
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid replies in a round (see federation.min_replies)."""
+
+
+@dataclass
+class RunOptions:
+    tracking_uri: str = ""
+    progress: bool = True
+    resume_run_id: str = ""
+
+
+def _tags(cfg: Config) -> dict[str, str]:
+    return {
+        "fedprobe.dataset": cfg.data.dataset, "fedprobe.model": f"{cfg.model.family}-{cfg.model.size}",
+        "attack": cfg.attack.name, "defense": "+".join(d.name for d in cfg.defenses) or "none",
+        "optimizer": cfg.optimizer.name, "attention": cfg.model.attention, "adapter": cfg.model.adapter,
+        "fedprobe.config_digest": cfg.digest(),
+    }
+
+
+def _checkpoint_path(cfg: Config, run_id: str) -> Path:
+    return Path(cfg.tracking.output_dir) / "checkpoints" / f"{run_id}.pt"
+
+
+def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run every round of one experiment on ``grid``; return the summary dict."""
+    from fl.data import load_federated
+    from models import build_model, count_parameters
+
+    options = options or RunOptions()
+    seed_everything(cfg.experiment.seed)
+    data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
+    task = data.task
+    device = resolve_device(cfg.federation.device)
+    model = build_model(cfg.model, task, seed=cfg.experiment.seed).to(device)
+    global_state = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
+    trainable, total = count_parameters(model)
+
+    tracker = Tracker(options.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment,
+                      cfg.tracking.run_name or cfg.experiment.name, tags=_tags(cfg), run_id=options.resume_run_id or None)
+    start_round = 1
+    history: list[dict[str, float]] = []
+    ckpt_path = _checkpoint_path(cfg, tracker.run_id)
+    if options.resume_run_id:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"no checkpoint for run {tracker.run_id} at {ckpt_path}; cannot resume")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        global_state, start_round, history = ckpt["global_state"], ckpt["round"] + 1, ckpt["history"]
+        log.warning("resuming run %s after round %d", tracker.run_id, ckpt["round"])
+    else:
+        tracker.log_params(cfg.to_dict())
+        tracker.log_params({"model.trainable_parameters": trainable, "model.total_parameters": total})
+        tracker.log_dict(cfg.to_dict(), "config.json")
+
+    status = "FAILED"
+    t_start = time.perf_counter()
+    events: list[str] = []
+    try:
+        roster = discover_partitions(grid)
+        if len(roster) != cfg.federation.num_clients:
+            raise RuntimeError(f"{len(roster)} of {cfg.federation.num_clients} clients answered the partition query")
+        strategy: Any = PartitionSampledFedAvg(roster, cfg.federation.clients_per_round, cfg.experiment.seed,
+                                               cfg.federation.min_replies)
+        server_defenses = build_defenses(cfg)
+        for d in server_defenses:
+            strategy = d.wrap_strategy(strategy, cfg)
+        artifact_dir = Path(cfg.tracking.output_dir) / "runs" / tracker.run_id
+        hook = ServerHook(cfg, task, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed), roster,
+                          artifact_dir, decode=getattr(data, "decode", None))
+        cfg_json = cfg.to_json()
+
+        if start_round == 1:
+            load_trainable(model, global_state)
+            metrics0 = evaluate(model, data.test, task, data.collate, device=device)
+            tracker.log_metrics(metrics0, step=0)
+        bar = _progress(cfg.federation.rounds, start_round - 1, options.progress)
+        for rnd in range(start_round, cfg.federation.rounds + 1):
+            t_round = time.perf_counter()
+            config = ConfigRecord({CONFIG_KEY: cfg_json})
+            messages = hook.before_send(rnd, list(strategy.configure_train(rnd, to_record(global_state), config, grid)))
+            replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
+            report = hook.inspect(rnd, global_state, messages, replies)
+            for line in report.events:
+                log.warning(line)
+                events.append(line)
+            if len(report.accepted) < cfg.federation.min_replies:
+                raise RoundFailed(f"round {rnd}: {len(report.accepted)} valid replies, fewer than "
+                                  f"federation.min_replies={cfg.federation.min_replies}")
+            arrays, train_metrics = strategy.aggregate_train(rnd, report.accepted)
+            if arrays is None:
+                raise RoundFailed(f"round {rnd}: aggregation returned no model")
+            global_state = from_record(arrays)
+            load_trainable(model, global_state)
+            metrics = {k: float(v) for k, v in (train_metrics or {}).items() if k != "num-examples"}
+            metrics.update(evaluate(model, data.test, task, data.collate, device=device))
+            metrics.update(report.metrics)
+            for d in server_defenses:
+                metrics.update(d.server_metrics(rnd))
+            metrics["round_seconds"] = time.perf_counter() - t_round
+            tracker.log_metrics(metrics, step=rnd)
+            _log_attack_rows(tracker, report.attack_rows, rnd)
+            history.append({"round": rnd, **metrics})
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"round": rnd, "global_state": global_state, "history": history, "config": cfg.to_dict()}, ckpt_path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('train_loss', math.nan):.3f}", acc=f"{metrics.get('accuracy', math.nan):.3f}")
+        bar.close()
+        if cfg.tracking.log_model:
+            tracker.log_torch_state(global_state, "model/global_state.pt")
+        if events:
+            tracker.log_text("\n".join(events) + "\n", "events.txt")
+        status = "FINISHED"
+    finally:
+        final = _final_metrics(history)
+        summary = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+                   "status": status, "rounds_completed": len(history), "seconds": time.perf_counter() - t_start,
+                   "config_digest": cfg.digest(), "final": final, "events": events}
+        try:
+            tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=len(history))
+            tracker.log_dict(summary, "summary.json")
+            tracker.finish(status)
+        except Exception as exc:  # tracking must never hide the run's own error
+            log.error("could not finalise MLflow run %s: %s", tracker.run_id, exc)
+    return summary
+
+
+def _final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Last value of every metric seen in any round (attacks may skip the last round)."""
+    final: dict[str, float] = {}
+    for row in history:
+        final.update({k: v for k, v in row.items() if k != "round"})
+    return final
+
+
+def _log_attack_rows(tracker: Tracker, rows: list[dict[str, Any]], rnd: int) -> None:
+    for row in rows:
+        pid = row["client"]
+        tracker.log_metrics({f"{k}/client_{pid}": v for k, v in row.items()
+                             if k.startswith("attack_") and isinstance(v, float)}, step=rnd)
+        for path in row.get("artifacts", []):
+            tracker.log_artifact(path, f"attacks/round_{rnd}")
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="rounds", unit="round", disable=not enabled, dynamic_ncols=True)
+
+
+def config_from_context(context: Context) -> Config:
+    rc = context.run_config
+    if CONFIG_KEY in rc:
+        return config_from_dict(json.loads(str(rc[CONFIG_KEY])))
+    path = str(rc.get("config-path", "experiments/quickstart.toml"))
+    overrides = [s for s in str(rc.get("overrides", "")).split(";") if s.strip()]
+    return load_config(path, overrides)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: config from run config ``config-path`` (+ ``overrides``)."""
+    cfg = config_from_context(context)
+    summary = run_federation(grid, cfg, RunOptions(tracking_uri=str(context.run_config.get("tracking-uri", ""))))
+    log.info("fedprobe summary: %s", json.dumps(summary["final"]))

@@ -1,0 +1,149 @@
+"""The server-side hook: sees every client's reply before aggregation.
+
+For each round it (1) rejects failed and invalid replies (NaN/Inf, wrong names,
+shapes or dtypes) with a logged reason, (2) strips the simulation-only ground
+truth a targeted client attached, (3) runs the configured attack on what the
+server saw from each victim, and scores it against that ground truth. The attack
+sees the update as it left the client (after the client's defenses, before any
+server-side defense). Malicious attacks may also change the model sent to victims
+(:meth:`ServerHook.before_send`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import Message, RecordDict
+
+from attacks.base import ATTACKS, Attack, Observation
+from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
+from fl.config import Config
+from models.tasks import TaskSpec
+
+log = logging.getLogger("fedprobe")
+
+
+@dataclass
+class RoundReport:
+    accepted: list[Message]
+    metrics: dict[str, float] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)  # one line per failure / rejection
+    attack_rows: list[dict[str, Any]] = field(default_factory=list)  # per-victim scores
+
+
+def build_attack(cfg: Config) -> Attack | None:
+    if cfg.attack.name in ("", "none"):
+        return None
+    return ATTACKS.create(cfg.attack.name, **cfg.attack.params)
+
+
+class ServerHook:
+    def __init__(self, cfg: Config, task: TaskSpec, model_factory: Callable[[], torch.nn.Module],
+                 roster: dict[int, int], artifact_dir: Path, decode: Callable[[list[int]], str] | None = None) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.model_factory = model_factory
+        self.roster = roster
+        self.artifact_dir = artifact_dir
+        self.decode = decode
+        self.attack = build_attack(cfg)
+        self.attacked_so_far = 0
+
+    # which clients/rounds the attack targets ---------------------------------------
+    def targets(self, server_round: int, partition_id: int) -> bool:
+        a = self.cfg.attack
+        if self.attack is None:
+            return False
+        if a.rounds and server_round not in a.rounds:
+            return False
+        return not a.victims or partition_id in a.victims
+
+    def before_send(self, server_round: int, messages: list[Message]) -> list[Message]:
+        """Mark targeted clients (they attach ground truth) and let a malicious attack craft their model."""
+        out = []
+        for msg in messages:
+            pid = self.roster[msg.metadata.dst_node_id]
+            if not self.targets(server_round, pid):
+                out.append(msg)
+                continue
+            content = RecordDict(dict(msg.content.items()))
+            config = content["config"].copy() if hasattr(content["config"], "copy") else content["config"]
+            config["record-oracle"] = True
+            content["config"] = config
+            if self.attack is not None and self.attack.threat_model == "malicious":
+                crafted = self.attack.craft(from_record(content["arrays"]), server_round, pid)
+                content["arrays"] = to_record(crafted)
+            out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id))
+        return out
+
+    def inspect(self, server_round: int, sent: dict[str, torch.Tensor], messages: list[Message],
+                replies: list[Message]) -> RoundReport:
+        report = RoundReport(accepted=[])
+        sent_by_node = {m.metadata.dst_node_id: m for m in messages}
+        bytes_down = sum(record_nbytes(m.content["arrays"]) for m in messages)
+        bytes_up = 0
+        failed = rejected = 0
+        cap = self.cfg.attack.max_victims_per_round
+        attacked_this_round = 0
+        for reply in sorted(replies, key=lambda r: self.roster.get(r.metadata.src_node_id, 0)):
+            node = reply.metadata.src_node_id
+            pid = self.roster.get(node, -1)
+            if reply.has_error():
+                failed += 1
+                report.events.append(f"round {server_round}: client {pid} failed: {reply.error.reason.strip()[:300]}")
+                continue
+            content = reply.content
+            oracle = from_record(content["oracle"]) if "oracle" in content else None
+            if "oracle" in content:
+                del content["oracle"]
+            try:
+                received = from_record(content["arrays"])
+                check_update(received, sent)
+            except (InvalidUpdate, KeyError, ValueError) as exc:
+                rejected += 1
+                report.events.append(f"round {server_round}: rejected client {pid}: {exc}")
+                continue
+            bytes_up += record_nbytes(content["arrays"])
+            report.accepted.append(reply)
+            if self.targets(server_round, pid) and (cap == 0 or attacked_this_round < cap):
+                attacked_this_round += 1
+                sent_msg = sent_by_node.get(node)
+                sent_state = from_record(sent_msg.content["arrays"]) if sent_msg is not None else sent
+                report.attack_rows.append(self._attack_one(server_round, node, pid, sent_state, received,
+                                                           dict(content["meta"]), oracle))
+        report.metrics.update({
+            "clients_sampled": float(len(messages)), "clients_replied": float(len(report.accepted)),
+            "clients_failed": float(failed), "clients_rejected": float(rejected),
+            "bytes_down": float(bytes_down), "bytes_up": float(bytes_up), "bytes_exchanged": float(bytes_down + bytes_up),
+        })
+        for key in sorted({k for row in report.attack_rows for k in row if k.startswith("attack_")}):
+            values = [row[key] for row in report.attack_rows if key in row and np.isfinite(row[key])]
+            if values:
+                report.metrics[key] = float(np.mean(values))
+        return report
+
+    def _attack_one(self, server_round: int, node: int, pid: int, sent: dict[str, torch.Tensor],
+                    received: dict[str, torch.Tensor], meta: dict[str, Any],
+                    oracle: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        assert self.attack is not None
+        labels = oracle.get("labels") if (oracle and self.cfg.attack.labels_known) else None
+        obs = Observation(server_round=server_round, node_id=node, partition_id=pid, global_params=sent,
+                          client_params=received, metadata=meta, task=self.task, model_factory=self.model_factory,
+                          labels=labels)
+        t0 = time.perf_counter()
+        recon = self.attack.attack(obs)
+        row: dict[str, Any] = {"round": server_round, "client": pid, "attack_seconds": time.perf_counter() - t0}
+        row.update({f"attack_{k}": float(v) for k, v in recon.metrics.items()})
+        if oracle:
+            from attacks.harness import save_artifacts, score
+
+            row.update({f"attack_{k}": float(v) for k, v in score(recon, oracle, self.task).items()})
+            out = self.artifact_dir / f"attack_round{server_round}_client{pid}"
+            row["artifacts"] = [str(p) for p in save_artifacts(recon, oracle, self.task, out, decode=self.decode)]
+        return row

@@ -1,0 +1,78 @@
+"""Run one experiment on Flower's simulation engine (Ray backend), in-process.
+
+``fedprobe run`` calls :func:`simulate`. It drives Flower's simulation runtime
+(``flwr.simulation.run_simulation._run_simulation``, the function Flower's own
+``flwr run`` -> ``flwr-simulation`` process calls) directly, not the deprecated
+``run_simulation`` / ``start_simulation`` wrappers, so the ServerApp runs in a
+thread of this process and the ClientApps in Ray actors with the client
+resources of ``[federation]``. ``flwr run .`` works as well (pyproject's
+``[tool.flwr.app]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fl.config import Config
+from fl.server_app import RunOptions, run_federation
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+class SimulationError(RuntimeError):
+    """The federated run failed; the message says why (the MLflow run keeps what was logged)."""
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    fed = cfg.federation
+    init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True}
+    if fed.client_gpus > 0:
+        import torch
+
+        init_args["num_gpus"] = torch.cuda.device_count()
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
+
+
+def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` as a Flower simulation; return the summary (see ``run_federation``)."""
+    from flwr.app import Context, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from fl.client_app import app as client_app
+
+    options = options or RunOptions()
+    holder: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            holder["summary"] = run_federation(grid, cfg, options)
+        except BaseException as exc:  # reported by the caller, not as a thread traceback
+            holder["error"] = exc
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    _run_simulation(
+        num_supernodes=cfg.federation.num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config(cfg),
+        server_app_context=context,
+        verbose_logging=verbose,
+    )
+    if "error" in holder:
+        exc = holder["error"]
+        raise SimulationError(f"{type(exc).__name__}: {exc}") from exc
+    if "summary" not in holder:
+        raise SimulationError("the simulation ended without a result (see the log above)")
+    return holder["summary"]

@@ -1,0 +1,63 @@
+"""FedAvg that samples clients by data partition, reproducibly.
+
+Simulated node ids are random on every run, so Flower's own sampling (random
+node ids from the global RNG) cannot be repeated. The server first asks every
+node for its partition id (:func:`discover_partitions`), then samples partitions
+with a seeded RNG and aggregates replies in partition order: same config and
+seed, same rounds, same floating-point sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl.training import derive_seed
+
+
+def discover_partitions(grid: Grid, timeout: float = 600.0) -> dict[int, int]:
+    """node id -> partition id, asked once of every node with a ``query`` message."""
+    node_ids = sorted(grid.get_node_ids())
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in node_ids]
+    roster: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            continue
+        roster[reply.metadata.src_node_id] = int(reply.content["info"]["partition-id"])
+    return roster
+
+
+class PartitionSampledFedAvg(FedAvg):
+    """FedAvg whose train sampling is a seeded choice of partitions (see module doc)."""
+
+    def __init__(self, roster: dict[int, int], clients_per_round: int, seed: int, min_replies: int = 1) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+                         min_available_nodes=1)
+        self.roster = roster
+        self.node_of = {pid: node for node, pid in roster.items()}
+        self.clients_per_round = clients_per_round or len(roster)
+        self.seed = seed
+        self.min_replies = min_replies
+
+    def sample_partitions(self, server_round: int) -> list[int]:
+        pids = sorted(self.node_of)
+        k = min(self.clients_per_round, len(pids))
+        rng = np.random.default_rng(derive_seed(self.seed, server_round, 1))
+        return sorted(int(p) for p in rng.choice(pids, size=k, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(record, message_type=MessageType.TRAIN, dst_node_id=self.node_of[p])
+                for p in self.sample_partitions(server_round)]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ordered = sorted(replies, key=lambda m: self.roster.get(m.metadata.src_node_id, 0))
+        return super().aggregate_train(server_round, ordered)

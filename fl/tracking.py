@@ -1,0 +1,134 @@
+"""MLflow tracking: one run per experiment, per-round metrics, artifacts, summaries.
+
+Everything goes through :class:`mlflow.MlflowClient` with an explicit run id, so
+logging is safe from the ServerApp thread and from sweep workers alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def resolve_uri(uri: str) -> str:
+    """Empty -> the embedded default store in the working directory (absolute path)."""
+    if not uri:
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (before a run starts) when a remote tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)  # noqa: S310
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it or pass --tracking-uri with a reachable one"
+        ) from None
+
+
+class Tracker:
+    """One MLflow run: params, per-step metrics, tags, artifacts."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None, run_id: str | None = None) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if run_id:  # resume
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
+            self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k[:250], v[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_torch_state(self, state: dict[str, Any], artifact_file: str) -> None:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            torch.save(state, path)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
