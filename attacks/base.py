@@ -69,11 +69,13 @@ class Attack:
     ``threat_model`` is ``"honest"`` (honest-but-curious: reads updates) or
     ``"malicious"`` (may also change the model sent to victims via :meth:`craft`).
     ``needs_labels`` asks the harness for the victim's labels (only granted when the
-    attack config says the threat model includes them).
+    attack config says the threat model includes them). ``reconstructs = False``
+    marks a measuring attack: its victims record no ground truth and nothing is scored.
     """
 
     threat_model: ClassVar[str] = "honest"
     needs_labels: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = True  # False: the attack only measures (no ground truth recorded or scored)
 
     def __init__(self, **params: Any) -> None:
         if params:

@@ -11,6 +11,8 @@ from attacks.base import ATTACKS, Attack, Observation, Reconstruction
 class UpdateNorm(Attack):
     """Honest-but-curious: log the L2 norm and max-abs entry of each victim's update."""
 
+    reconstructs = False
+
     def attack(self, obs: Observation) -> Reconstruction:
         update = obs.update()
         flat = torch.cat([u.flatten().double() for u in update.values()]) if update else torch.zeros(1)

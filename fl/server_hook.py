@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
+import attacks  # noqa: F401  (registers built-in attacks)
 from attacks.base import ATTACKS, Attack, Observation
 from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
 from fl.config import Config
@@ -73,9 +74,10 @@ class ServerHook:
                 out.append(msg)
                 continue
             content = RecordDict(dict(msg.content.items()))
-            config = content["config"].copy() if hasattr(content["config"], "copy") else content["config"]
-            config["record-oracle"] = True
-            content["config"] = config
+            if self.attack is not None and self.attack.reconstructs:
+                config = ConfigRecord(dict(content["config"].items()))
+                config["record-oracle"] = True
+                content["config"] = config
             if self.attack is not None and self.attack.threat_model == "malicious":
                 crafted = self.attack.craft(from_record(content["arrays"]), server_round, pid)
                 content["arrays"] = to_record(crafted)

@@ -21,6 +21,7 @@ from fl.server_app import RunOptions, run_federation
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 class SimulationError(RuntimeError):
@@ -58,7 +59,12 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
             holder["error"] = exc
 
     if not verbose:
+        import warnings
+
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="mlflow.*")
+        warnings.filterwarnings("ignore", message=".*noload.*")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     _run_simulation(
         num_supernodes=cfg.federation.num_clients,

@@ -9,6 +9,7 @@ seed, same rounds, same floating-point sums.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -36,8 +37,14 @@ class PartitionSampledFedAvg(FedAvg):
     """FedAvg whose train sampling is a seeded choice of partitions (see module doc)."""
 
     def __init__(self, roster: dict[int, int], clients_per_round: int, seed: int, min_replies: int = 1) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
-                         min_available_nodes=1)
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # FedAvg warns that fraction_evaluate=0: centralized evaluation is ours
+        try:
+            super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+                             min_available_nodes=1)
+        finally:
+            flwr_log.setLevel(level)
         self.roster = roster
         self.node_of = {pid: node for node, pid in roster.items()}
         self.clients_per_round = clients_per_round or len(roster)

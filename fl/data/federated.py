@@ -1,0 +1,138 @@
+"""From a data config to a federated view: central test split + per-client partitions.
+
+``load_federated`` is called in every simulated client process, so it is cached
+in-process (keyed on the config JSON) and stores only index arrays per client; a
+client's ``Subset`` views and its train/val split are made on demand by ``partition``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from fl.config import DataConfig
+from fl.data.base import DATASETS, ArrayDataset, DataError, LoadedData, collate
+from fl.data.partition import PartitionError, dirichlet_partition, iid_partition
+from fl.registry import RegistryError
+from models.tasks import TaskSpec
+
+
+@dataclass
+class FederatedData:
+    """One dataset split for federated learning.
+
+    ``test`` is the held-out central test split; client ``pid`` owns the items
+    ``client_indices[pid]`` (indices into ``dataset``), of which a ``val_fraction`` share
+    (seeded by ``(seed, pid)``) is its local validation set.
+    """
+
+    task: TaskSpec
+    dataset: ArrayDataset
+    test: Dataset
+    client_indices: list[np.ndarray]
+    val_fraction: float
+    seed: int
+    labels: np.ndarray | None = None
+    tokenizer: Any = None
+
+    @staticmethod
+    def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack items into the batch dict of :mod:`models.tasks` (a picklable plain function)."""
+        return collate(items)
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.client_indices)
+
+    def partition_indices(self, pid: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices into ``dataset`` for client ``pid``."""
+        if not 0 <= pid < self.num_partitions:
+            raise DataError(f"partition id {pid} out of range; this federation has {self.num_partitions} partitions")
+        idx = self.client_indices[pid]
+        n_val = int(round(len(idx) * self.val_fraction))
+        n_val = min(n_val, len(idx) - 1)  # keep >= 1 training item
+        perm = np.random.default_rng([self.seed, pid]).permutation(idx)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def partition(self, pid: int) -> tuple[Dataset, Dataset]:
+        """(client train, client val) datasets of client ``pid`` (val may be empty)."""
+        train, val = self.partition_indices(pid)
+        return Subset(self.dataset, train.tolist()), Subset(self.dataset, val.tolist())
+
+
+@lru_cache(maxsize=8)
+def _load_raw(name: str, params_json: str) -> LoadedData:
+    try:
+        loaded = DATASETS.create(name, **json.loads(params_json))
+    except RegistryError as exc:
+        raise DataError(f"data.dataset: {exc}") from None
+    if not isinstance(loaded, LoadedData):
+        raise DataError(f"dataset {name!r} returned {type(loaded).__name__}, expected fl.data.LoadedData")
+    return loaded
+
+
+def load_dataset(name: str, params: dict[str, Any] | None = None) -> LoadedData:
+    """The whole dataset ``name`` loaded with ``params`` (cached in-process)."""
+    return _load_raw(name, json.dumps(params or {}, sort_keys=True))
+
+
+def _test_split(n: int, labels: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices; stratified by label where every class has >= 2 items."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    try:
+        train, test = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError:
+        try:  # a class too small to stratify: plain random split
+            train, test = train_test_split(idx, test_size=fraction, random_state=seed)
+        except ValueError as exc:
+            raise DataError(f"cannot hold out data.test_fraction={fraction} of {n} items ({exc})") from None
+    return np.sort(train), np.sort(test)
+
+
+@lru_cache(maxsize=16)
+def _load_federated(cfg_json: str, num_clients: int, seed: int) -> FederatedData:
+    cfg = DataConfig.model_validate_json(cfg_json)
+    loaded = load_dataset(cfg.dataset, cfg.params)
+    n = len(loaded.data)
+    labels = loaded.labels
+    train_idx, test_idx = _test_split(n, labels, cfg.test_fraction, seed)
+    try:
+        if cfg.partition == "iid":
+            parts = iid_partition(len(train_idx), num_clients, seed)
+        else:
+            if labels is None:
+                raise DataError(
+                    f"dataset {cfg.dataset!r} has no labels to skew; use data.partition = 'iid'"
+                )
+            parts = dirichlet_partition(labels[train_idx], num_clients, cfg.alpha, seed)
+    except PartitionError as exc:
+        raise DataError(f"partitioning {cfg.dataset!r}: {exc}") from None
+    return FederatedData(
+        task=loaded.task,
+        dataset=loaded.data,
+        test=Subset(loaded.data, test_idx.tolist()),
+        client_indices=[train_idx[p] for p in parts],
+        val_fraction=cfg.val_fraction,
+        seed=seed,
+        labels=labels,
+        tokenizer=loaded.tokenizer,
+    )
+
+
+def load_federated(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    """Load ``cfg.dataset``, hold out the test split, partition the rest among ``num_clients``.
+
+    Deterministic in ``(cfg, num_clients, seed)``; cached in-process on the config JSON.
+    Raises :class:`DataError` (a ValueError) with a one-line fix for any bad input.
+    """
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    return _load_federated(cfg.model_dump_json(), int(num_clients), int(seed))
