@@ -43,6 +43,7 @@ class ClientContext:
     device: torch.device
     task: Any  # models.tasks.TaskSpec
     sampled_fraction: float  # clients_per_round / num_clients (for accounting under client sampling)
+    num_rounds: int = 1  # federation.rounds (for defenses that budget privacy over the whole run)
     state: dict[str, Any] = field(default_factory=dict)  # persists across rounds for this client
     metrics: dict[str, float] = field(default_factory=dict)  # reported to the server, logged to MLflow
 

@@ -18,7 +18,7 @@ def registries() -> dict[str, Registry[Any]]:
     from models.attention import ATTENTION
     from optimizers import OPTIMIZERS
 
-    for pkg in ("attacks", "defenses", "optimizers", "models", "models.attention", "fl.data"):
+    for pkg in ("attacks", "defenses", "fl.faults", "optimizers", "models", "models.attention", "fl.data"):
         importlib.import_module(pkg)
     return {"dataset": DATASETS, "model": MODELS, "attention": ATTENTION, "optimizer": OPTIMIZERS,
             "attack": ATTACKS, "defense": DEFENSES}

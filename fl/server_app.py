@@ -127,7 +127,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
                 raise RoundFailed(f"round {rnd}: aggregation returned no model")
             global_state = from_record(arrays)
             load_trainable(model, global_state)
-            metrics = {k: float(v) for k, v in (train_metrics or {}).items() if k != "num-examples"}
+            metrics = {k: float(v) for k, v in (train_metrics or {}).items() if k not in ("num-examples", "uniform-weight")}
             metrics.update(evaluate(model, data.test, task, data.collate, device=device))
             metrics.update(report.metrics)
             for d in server_defenses:

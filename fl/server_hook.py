@@ -12,6 +12,7 @@ server-side defense). Malicious attacks may also change the model sent to victim
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,13 @@ class RoundReport:
     attack_rows: list[dict[str, Any]] = field(default_factory=list)  # per-victim scores
 
 
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The last meaningful line of a (Ray) traceback, without terminal colours."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))] or ["unknown error"]
+    return lines[-1].rstrip("'>")[:limit]
+
+
 def build_attack(cfg: Config) -> Attack | None:
     if cfg.attack.name in ("", "none"):
         return None
@@ -54,7 +62,7 @@ class ServerHook:
         self.artifact_dir = artifact_dir
         self.decode = decode
         self.attack = build_attack(cfg)
-        self.attacked_so_far = 0
+        self.privacy_by_client: dict[int, dict[str, float]] = {}  # latest epsilon-like metrics per partition
 
     # which clients/rounds the attack targets ---------------------------------------
     def targets(self, server_round: int, partition_id: int) -> bool:
@@ -98,7 +106,7 @@ class ServerHook:
             pid = self.roster.get(node, -1)
             if reply.has_error():
                 failed += 1
-                report.events.append(f"round {server_round}: client {pid} failed: {reply.error.reason.strip()[:300]}")
+                report.events.append(f"round {server_round}: client {pid} failed: {short_reason(reply.error.reason)}")
                 continue
             content = reply.content
             oracle = from_record(content["oracle"]) if "oracle" in content else None
@@ -113,6 +121,10 @@ class ServerHook:
                 continue
             bytes_up += record_nbytes(content["arrays"])
             report.accepted.append(reply)
+            for rec in content.metric_records.values():
+                latest = {k: float(v) for k, v in rec.items() if k.endswith("epsilon") and isinstance(v, (int, float))}
+                if latest:
+                    self.privacy_by_client.setdefault(pid, {}).update(latest)
             if self.targets(server_round, pid) and (cap == 0 or attacked_this_round < cap):
                 attacked_this_round += 1
                 sent_msg = sent_by_node.get(node)
@@ -124,11 +136,21 @@ class ServerHook:
             "clients_failed": float(failed), "clients_rejected": float(rejected),
             "bytes_down": float(bytes_down), "bytes_up": float(bytes_up), "bytes_exchanged": float(bytes_down + bytes_up),
         })
+        report.metrics.update(self._privacy_summary())
         for key in sorted({k for row in report.attack_rows for k in row if k.startswith("attack_")}):
             values = [row[key] for row in report.attack_rows if key in row and np.isfinite(row[key])]
             if values:
                 report.metrics[key] = float(np.mean(values))
         return report
+
+    def _privacy_summary(self) -> dict[str, float]:
+        """epsilon (and any *epsilon metric) as the max over every client so far, and its mean."""
+        out: dict[str, float] = {}
+        for key in sorted({k for m in self.privacy_by_client.values() for k in m}):
+            values = [m[key] for m in self.privacy_by_client.values() if key in m]
+            out[key] = float(max(values))
+            out[f"{key}_mean"] = float(np.mean(values))
+        return out
 
     def _attack_one(self, server_round: int, node: int, pid: int, sent: dict[str, torch.Tensor],
                     received: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -42,6 +42,9 @@ def derive_seed(*parts: int) -> int:
 
 
 def build_defenses(cfg: Config) -> list[Defense]:
+    import defenses  # noqa: F401  (registers built-in defenses)
+    import fl.faults  # noqa: F401  (registers faulty_update)
+
     return [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
 
 
@@ -95,7 +98,7 @@ def train_client(
     ctx = ClientContext(
         model=model, optimizer=optimizer, loader=loader, server_round=server_round, partition_id=partition_id,
         num_examples=len(train_ds), sample_rate=min(1.0, fed.batch_size / len(train_ds)), local_steps=steps,
-        epochs=fed.local_epochs, device=device, task=data.task, sampled_fraction=sampled_fraction,
+        epochs=fed.local_epochs, num_rounds=fed.rounds, device=device, task=data.task, sampled_fraction=sampled_fraction,
         state=dict(client_state or {}),
     )
     defenses = build_defenses(cfg)
@@ -134,17 +137,28 @@ def train_client(
     update = {k: (new_state[k].to("cpu") - global_state[k]) for k in global_state}
     for d in defenses:
         update = d.transform_update(update, ctx)
-    sent = {k: global_state[k] + update[k].to(global_state[k].dtype) for k in global_state}
+    sent = _apply_update(global_state, update)
 
     train_loss = float(np.mean(losses)) if losses else float("nan")
     metrics: dict[str, float] = {"train_loss": train_loss, "num-examples": float(len(train_ds)),
-                                 "local_steps": float(steps)}
-    metrics.update({f"opt_{k}": float(v) for k, v in optimizer_diagnostics(ctx.optimizer).items()})
+                                 "uniform-weight": 1.0, "local_steps": float(steps)}
+    base_optimizer = getattr(ctx.optimizer, "original_optimizer", ctx.optimizer)  # under Opacus' DPOptimizer
+    metrics.update({f"opt_{k}": float(v) for k, v in optimizer_diagnostics(base_optimizer).items()})
     metrics.update({k: float(v) for k, v in ctx.metrics.items()})
     meta = {"partition_id": partition_id, "lr": cfg.optimizer.lr, "local_steps": steps,
             "batch_size": fed.batch_size, "num_examples": len(train_ds), "optimizer": cfg.optimizer.name}
     oracle_batch = {k: torch.cat([o[k] for o in oracle])[:ORACLE_MAX_EXAMPLES] for k in oracle[0]} if oracle else {}
     return ClientResult(state=sent, metrics=metrics, meta=meta, client_state=ctx.state, oracle=oracle_batch)
+
+
+def _apply_update(global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """global + update for well-formed entries; a malformed entry travels as it is (the server rejects it)."""
+    sent = {}
+    for name, u in update.items():
+        g = global_state.get(name)
+        ok = g is not None and u.shape == g.shape and u.dtype == g.dtype
+        sent[name] = g + u if ok else u
+    return sent
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def _generated(n_samples: int, seq_len: int, seed: int, keywords: int, distracto
 
 @DATASETS.register("textgen")
 def textgen(
-    n_samples: int = 2000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
+    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
 ) -> LoadedData:
     """generated 4-topic sentence classification, offline word-level tokenizer; params: n_samples, seq_len, seed."""
     return _generated(n_samples, seq_len, seed, keywords, distractor, "text")
@@ -98,7 +98,7 @@ def textgen(
 
 @DATASETS.register("textgen_lm")
 def textgen_lm(
-    n_samples: int = 2000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
+    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
 ) -> LoadedData:
     """the textgen corpus as a causal-LM task (labels = input_ids, -100 on padding); params as textgen."""
     return _generated(n_samples, seq_len, seed, keywords, distractor, "lm")

@@ -1,0 +1,148 @@
+"""Privacy accounting: the one place where fedprobe turns noise into epsilon.
+
+Every epsilon the project reports comes from :func:`epsilon` or :class:`PrivacyLedger`,
+both thin layers over Opacus's accountants (``rdp``: Rényi DP of the Poisson-subsampled
+Gaussian mechanism, Mironov et al. 2019; ``prv``: numerical composition of privacy-loss
+random variables, Gopi et al. 2021). Nothing here re-derives the analysis; it validates
+inputs, keeps a JSON-serialisable history and asks Opacus.
+
+A :class:`PrivacyLedger` is the per-client (or per-server) accountant state. It stores
+``history = [(noise_multiplier, sample_rate, steps), ...]`` exactly as Opacus's
+``IAccountant.history`` does, so the epsilon after round r composes every earlier round:
+``ledger.record(z, q, steps)`` once per round, ``ledger.epsilon(delta)`` any time,
+``ledger.to_dict()`` into ``ctx.state`` and ``PrivacyLedger.from_dict`` next round.
+
+Client sampling (project choice, documented in ``defenses/README`` of the report):
+a client-side ledger composes only the rounds the client actually trained, at its local
+sampling rate q = batch/n. The server chooses who trains, so sampling clients gives no
+amplification against the server (the threat model of the attacks); a client that is
+not sampled spends nothing. This is exact conditional on the public participation
+pattern, and conservative for any observer who does not know it. Server-level (central)
+DP does use amplification by client sampling, q = clients_per_round / num_clients, see
+``defenses/central_dp.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _check(noise_multiplier: float, sample_rate: float, steps: int, accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1] (batch_size / num_examples), got {sample_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+
+
+def check_delta(delta: float) -> None:
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), e.g. 1e-5 (below 1/num_examples), got {delta!r}")
+
+
+def check_epsilon(target_epsilon: float) -> None:
+    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+
+
+def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """epsilon(delta) of the composition of every (noise_multiplier, sample_rate, steps) in ``history``.
+
+    Returns 0.0 for an empty history and ``inf`` when any entry has noise 0 and steps > 0
+    (no noise, no guarantee).
+    """
+    check_delta(delta)
+    hist = []
+    for z, q, t in history:
+        _check(float(z), float(q), int(t), accountant)
+        if t == 0:
+            continue
+        if z == 0:
+            return math.inf
+        hist.append((float(z), float(q), int(t)))
+    if not hist:
+        return 0.0
+    from opacus.accountants import create_accountant  # lazy: importing opacus takes seconds
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = hist
+    return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """epsilon after ``steps`` Poisson-subsampled Gaussian steps (Opacus accountant ``accountant``).
+
+    ``noise_multiplier`` is sigma / sensitivity (Opacus convention: noise std = sigma * C),
+    ``sample_rate`` q is the per-step inclusion probability of one record.
+    """
+    _check(noise_multiplier, sample_rate, steps, accountant)
+    return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """Smallest noise multiplier (Opacus's binary search, tolerance 0.01) reaching ``target_epsilon`` after ``steps``."""
+    check_epsilon(target_epsilon)
+    check_delta(delta)
+    _check(0.0, sample_rate, steps, accountant)
+    if steps == 0:
+        return 0.0
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+    except ValueError as exc:  # "The privacy budget is too low."
+        raise ValueError(f"target_epsilon={target_epsilon} is unreachable with delta={delta}, q={sample_rate}, "
+                         f"steps={steps} ({exc}); raise target_epsilon or lower the number of steps") from None
+
+
+@dataclass
+class PrivacyLedger:
+    """Composable, JSON-serialisable accountant state: one entry per recorded release."""
+
+    accountant: str = "rdp"
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        self.history = [(float(z), float(q), int(t)) for z, q, t in self.history]
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Add ``steps`` releases at (noise_multiplier, sample_rate); merges with the last entry when equal."""
+        _check(noise_multiplier, sample_rate, steps, self.accountant)
+        if steps == 0:
+            return
+        z, q = float(noise_multiplier), float(sample_rate)
+        if self.history and self.history[-1][:2] == (z, q):
+            self.history[-1] = (z, q, self.history[-1][2] + steps)
+        else:
+            self.history.append((z, q, steps))
+
+    @property
+    def steps(self) -> int:
+        return sum(t for _, _, t in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_of_history(self.history, delta, self.accountant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, accountant: str = "rdp") -> "PrivacyLedger":
+        """Restore from :meth:`to_dict` (or start empty when ``d`` is None)."""
+        if not d:
+            return cls(accountant=accountant)
+        if d.get("accountant", accountant) != accountant:
+            raise ValueError(f"stored privacy ledger uses accountant {d.get('accountant')!r}, not {accountant!r}; "
+                             "keep one accountant for the whole run")
+        return cls(accountant=accountant, history=[tuple(h) for h in d.get("history", [])])

@@ -1,0 +1,102 @@
+"""Central (server-side) DP: Flower's fixed-clipping wrapper, with the server-level epsilon accounted.
+
+Flower's ``DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier,
+clipping_norm, num_sampled_clients)`` clips each client's update to norm C, aggregates,
+and adds N(0, (z C / m)^2) to the mean of the m sampled updates (DP-FedAvg, McMahan et al.
+2018). This protects clients against whoever sees the *global model*, not against the
+server itself: the server (and fedprobe's attack hook, which reads replies before
+aggregation) sees clean per-client updates.
+
+Accounting (project choice): client-level DP, one release per round, Poisson-subsampled
+Gaussian with q = m / N (clients_per_round / num_clients) and noise multiplier z, composed
+over rounds with :mod:`defenses.accounting`. Flower samples exactly m clients without
+replacement; the Poisson RDP bound is the standard approximation used by DP-FedAvg.
+``amplification = false`` accounts q = 1 (no amplification, what Flower's own accountant
+supports). The guarantee needs uniform aggregation weights: FedAvg weighting by
+``num-examples`` with unequal client sizes breaks the C/m sensitivity; the metric
+``central_dp_uniform_weights`` says whether the last round's weights were equal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from defenses.accounting import check_delta, epsilon
+from defenses.base import DEFENSES, Defense
+
+
+def _federation(config: Any) -> tuple[int, int]:
+    fed = config["federation"] if isinstance(config, dict) else config.federation
+    get = (lambda k: fed.get(k, 0)) if isinstance(fed, dict) else (lambda k: getattr(fed, k))
+    n = int(get("num_clients"))
+    return n, int(get("clients_per_round") or n)
+
+
+def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, m: int) -> Any:
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    class _Checked(DifferentialPrivacyServerSideFixedClipping):
+        """Flower's wrapper, recording whether the aggregation weights were uniform."""
+
+        uniform_weights = True
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            key = getattr(self.strategy, "weighted_by_key", "num-examples")
+            weights = []
+            for r in replies:
+                if not r.has_error():
+                    for rec in r.content.metric_records.values():
+                        if key in rec:
+                            weights.append(float(rec[key]))
+            self.uniform_weights = len(set(weights)) <= 1
+            return super().aggregate_train(server_round, replies)
+
+    return _Checked(strategy, noise_multiplier, clipping_norm, m)
+
+
+@DEFENSES.register("central_dp")
+class CentralDP(Defense):
+    """Server-side central DP (Flower fixed clipping), client-level epsilon under client sampling."""
+
+    def __init__(self, noise_multiplier: float = 1.0, clipping_norm: float = 1.0, delta: float = 1e-5,
+                 accountant: str = "rdp", amplification: bool = True) -> None:
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"central_dp noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if not clipping_norm > 0:
+            raise ValueError(f"central_dp clipping_norm must be > 0, got {clipping_norm!r}")
+        check_delta(delta)
+        if accountant not in ("rdp", "prv"):
+            raise ValueError(f"central_dp accountant must be 'rdp' or 'prv', got {accountant!r}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.clipping_norm = float(clipping_norm)
+        self.delta = delta
+        self.accountant = accountant
+        self.amplification = amplification
+        self.wrapper: Any = None
+        self.num_clients = self.num_sampled = 0
+
+    @property
+    def sample_rate(self) -> float:
+        return self.num_sampled / self.num_clients if self.amplification else 1.0
+
+    def wrap_strategy(self, strategy: Any, config: Any) -> Any:
+        self.num_clients, self.num_sampled = _federation(config)
+        if hasattr(strategy, "weighted_by_key"):  # the guarantee needs equal weights: every client reports 1.0
+            strategy.weighted_by_key = "uniform-weight"
+        self.wrapper = _make_wrapper(strategy, self.noise_multiplier, self.clipping_norm, self.num_sampled)
+        return self.wrapper
+
+    def server_metrics(self, server_round: int) -> dict[str, float]:
+        """epsilon after ``server_round`` releases (one per completed round; resume-safe)."""
+        if not self.num_clients:
+            return {}
+        eps = epsilon(self.noise_multiplier, self.sample_rate, int(server_round), self.delta, self.accountant)
+        return {
+            "central_epsilon": eps,
+            "central_delta": float(self.delta),
+            "central_noise_std": self.noise_multiplier * self.clipping_norm / self.num_sampled,
+            "central_sample_rate": self.sample_rate,
+            "central_dp_uniform_weights": float(getattr(self.wrapper, "uniform_weights", True)),
+        }

@@ -1,0 +1,220 @@
+"""Client-side DP-SGD with Opacus, its epsilon composed across rounds.
+
+Per step (Abadi et al. 2016; Opacus ``DPOptimizer``): per-example gradients g_i are
+clipped to norm C, summed, Gaussian noise N(0, sigma^2 C^2 I) is added and the sum is
+divided by the expected batch size. The accountant (``rdp`` or ``prv``) composes
+(sigma, q = 1/len(loader), steps) for every round this client trained; the history lives
+in ``ctx.state["dp_sgd"]`` (JSON) so the epsilon after round r covers rounds 1..r (Flower's
+Opacus example creates a new PrivacyEngine per round and never composes; we do).
+Client sampling gives no amplification against the server, see ``defenses.accounting``.
+
+Project choices:
+* ``wrap_model=False``: Opacus attaches hooks to the original module instead of wrapping it
+  in a ``GradSampleModule``, so ``ctx.model`` keeps its parameter names (no ``_module.``
+  prefix) and the training loop's update is computed from the trained module itself.
+  The hooks are removed in ``after_training``.
+* Hugging Face models broadcast ``position_ids`` of shape [1, L] into the position
+  embedding, which gives that ``nn.Embedding`` a per-sample gradient of batch 1 (Opacus
+  issue #841). A forward pre-hook passes ``position_ids = arange(L)`` expanded to [B, L],
+  which is what the model would use anyway for unpadded, cache-free training.
+* ``target_epsilon`` is calibrated once for the whole run assuming the client trains in
+  every one of ``rounds`` rounds with this round's number of local steps (conservative:
+  a client sampled less often spends less).
+* The model must have no BatchNorm (Opacus cannot clip per example through it); the
+  project's transformers use LayerNorm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from defenses.accounting import PrivacyLedger, check_delta, check_epsilon, noise_multiplier_for
+from defenses.base import DEFENSES, ClientContext, Defense
+
+STATE_KEY = "dp_sgd"
+GRAD_SAMPLE_MODES = ("hooks", "functorch")  # the modes Opacus supports with wrap_model=False
+
+
+def _position_ids_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Give HF models per-example position ids [B, L] (see module docstring, Opacus #841)."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is not None and kwargs.get("position_ids") is None:
+        B, L = ids.shape[:2]
+        kwargs["position_ids"] = torch.arange(L, device=ids.device).expand(B, L)
+    return args, kwargs
+
+
+def _install_padding_aware_embedding_sampler() -> None:
+    """Opacus's nn.Embedding grad sampler ignores ``padding_idx``: the padding row gets a
+    per-sample gradient although autograd gives it none, which also inflates the clipped
+    norm. Wrap it so that row is zero (idempotent; affects Opacus process-wide)."""
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.grad_sample.utils import register_grad_sampler
+
+    if getattr(GradSampleHooks.GRAD_SAMPLERS.get(torch.nn.Embedding), "_fedprobe", False):
+        return
+
+    def sampler(layer: torch.nn.Embedding, activations: Any, backprops: torch.Tensor) -> dict:
+        ret = compute_embedding_grad_sample(layer, activations, backprops)
+        if layer.padding_idx is not None and layer.weight in ret:
+            ret[layer.weight][:, layer.padding_idx] = 0  # [B, V, D]
+        return ret
+
+    sampler._fedprobe = True  # type: ignore[attr-defined]
+    register_grad_sampler(torch.nn.Embedding)(sampler)
+
+
+def seeded_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator from (seed, round, client): reproducible noise for tests only."""
+    h = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+
+
+@DEFENSES.register("dp_sgd")
+class DPSGD(Defense):
+    """Client-side DP-SGD (Opacus): per-example clipping and Gaussian noise; epsilon composed over rounds."""
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        rounds: int | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: str = "rdp",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        grad_sample_mode: str = "hooks",
+        secure_mode: bool = False,
+        noise_seed: int | None = None,
+    ) -> None:
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("dp_sgd needs exactly one of noise_multiplier or target_epsilon (with rounds)")
+        if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"dp_sgd noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if target_epsilon is not None:
+            check_epsilon(target_epsilon)
+            if not (isinstance(rounds, int) and rounds >= 1):
+                raise ValueError("dp_sgd target_epsilon needs rounds (the run's federation.rounds), e.g. rounds = 3")
+        check_delta(delta)
+        if not max_grad_norm > 0:
+            raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if accountant not in ("rdp", "prv"):
+            raise ValueError(f"dp_sgd accountant must be 'rdp' or 'prv', got {accountant!r}")
+        if clipping not in ("flat", "per_layer"):
+            raise ValueError(f"dp_sgd clipping must be 'flat' or 'per_layer', got {clipping!r}")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"dp_sgd grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)} "
+                             f"(ghost clipping changes the loss API), got {grad_sample_mode!r}")
+        if secure_mode and noise_seed is not None:
+            raise ValueError("dp_sgd: noise_seed makes noise predictable; it cannot be combined with secure_mode")
+        self.noise_multiplier = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.rounds = rounds
+        self.delta = delta
+        self.max_grad_norm = float(max_grad_norm)
+        self.accountant = accountant
+        self.poisson_sampling = poisson_sampling
+        self.clipping = clipping
+        self.grad_sample_mode = grad_sample_mode
+        self.secure_mode = secure_mode
+        self.noise_seed = noise_seed
+        self._reset()
+
+    def _reset(self) -> None:
+        self._hooks: Any = None
+        self._pos_handle: Any = None
+        self._steps = 0
+        self._clipped = 0.0
+        self._seen = 0
+        self._sigma = 0.0
+        self._q = 0.0
+        self._expected_batch = 1
+
+    # -- client side --------------------------------------------------------------------
+    def sigma_for(self, sample_rate: float, steps_per_round: int) -> float:
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        assert self.target_epsilon is not None and self.rounds is not None
+        return noise_multiplier_for(self.target_epsilon, self.delta, sample_rate,
+                                    self.rounds * steps_per_round, self.accountant)
+
+    def setup(self, ctx: ClientContext) -> None:
+        from opacus import PrivacyEngine
+        from opacus.validators import ModuleValidator
+
+        model = ctx.model
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"dp_sgd: model is not compatible with Opacus: {errors[0]}; "
+                             "use a model without BatchNorm (the project's transformers are fine)")
+        model.train()
+        _install_padding_aware_embedding_sampler()
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
+
+        self._q = 1.0 / len(ctx.loader)  # Opacus's sample rate for Poisson sampling
+        steps_per_round = ctx.local_steps if ctx.local_steps > 0 else ctx.epochs * len(ctx.loader)
+        cached = ctx.state.get(STATE_KEY, {}).get("sigma")
+        self._sigma = float(cached) if cached is not None and self.target_epsilon is not None else \
+            self.sigma_for(self._q, steps_per_round)
+
+        generator = None
+        if self.noise_seed is not None:
+            generator = seeded_generator(self.noise_seed, ctx.server_round, ctx.partition_id, device=ctx.device)
+        with warnings.catch_warnings():  # "Secure RNG turned off": secure_mode is a documented option
+            warnings.simplefilter("ignore", UserWarning)
+            engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.secure_mode)
+        hooks, optimizer, loader = engine.make_private(
+            module=model, optimizer=ctx.optimizer, data_loader=ctx.loader,
+            noise_multiplier=self._sigma, max_grad_norm=self.max_grad_norm,
+            poisson_sampling=self.poisson_sampling, clipping=self.clipping,
+            grad_sample_mode=self.grad_sample_mode, noise_generator=generator, wrap_model=False,
+        )
+        self._hooks = hooks
+        self._expected_batch = optimizer.expected_batch_size
+        optimizer.attach_step_hook(self._on_step)  # replaces the engine's accountant hook: our ledger accounts
+        ctx.optimizer, ctx.loader = optimizer, loader
+
+    def _on_step(self, optimizer: Any) -> None:
+        """Called by DPOptimizer after clip + noise: count the step, measure the clip fraction."""
+        self._steps += 1
+        gs = optimizer.grad_samples
+        if gs and len(gs[0]) > 0:
+            with torch.no_grad():
+                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
+                if self.clipping == "flat":
+                    self._clipped += float((norms > self.max_grad_norm).sum())
+                self._seen += len(norms)
+
+    def after_training(self, ctx: ClientContext) -> None:
+        if self._hooks is not None:
+            self._hooks.cleanup()  # removes hooks and p.grad_sample from the original module
+        if self._pos_handle is not None:
+            self._pos_handle.remove()
+        stored = ctx.state.get(STATE_KEY, {})
+        ledger = PrivacyLedger.from_dict(stored.get("ledger"), self.accountant)
+        ledger.record(self._sigma, self._q, self._steps)
+        ctx.state[STATE_KEY] = {"ledger": ledger.to_dict(), "sigma": self._sigma}
+        ctx.metrics.update({
+            "epsilon": ledger.epsilon(self.delta),
+            "dp_delta": float(self.delta),
+            "dp_noise_multiplier": self._sigma,
+            # std of the noise in each coordinate of one averaged gradient: sigma * C / E[B]
+            "dp_noise_std": self._sigma * self.max_grad_norm / max(self._expected_batch, 1),
+            "dp_clip_fraction": self._clipped / self._seen if self._seen and self.clipping == "flat" else float("nan"),
+            "dp_steps": float(self._steps),
+            "dp_total_steps": float(ledger.steps),
+            "dp_sample_rate": self._q,
+            "dp_poisson": float(self.poisson_sampling),
+        })
+        self._reset()

@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+
+from defenses.accounting import epsilon
+from defenses.dp_sgd import DPSGD
+from models.tasks import logits_of, per_example_loss
+from tests.defenses.helpers import make_ctx, run_round, tiny
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "gpt2"])
+def test_per_sample_grads_equal_per_example_loop(family):
+    """Under dp_sgd's setup, Opacus's per-sample gradients of HF models equal a loop over single examples."""
+    model, task, data = tiny(family)
+    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    ref = []
+    for i in range(4):
+        model.zero_grad()
+        bi = {k: v[i:i + 1] for k, v in batch.items()}
+        per_example_loss(logits_of(model, bi), bi["labels"], task).mean().backward()
+        ref.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    ctx = make_ctx(model, task, data)
+    d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    d.setup(ctx)
+    per_example_loss(logits_of(ctx.model, batch), batch["labels"], task).mean().backward()
+    scale = max(max(r[n].abs().max().item() for r in ref) for n, _ in model.named_parameters())
+    for n, p in model.named_parameters():
+        expect = torch.stack([r[n] for r in ref])
+        assert p.grad_sample.shape == expect.shape, n  # position embeddings: [B, ...], not [1, ...] (Opacus #841)
+        assert (p.grad_sample - expect).abs().max().item() <= 1e-5 * scale, n
+    d.after_training(ctx)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks cleaned up
+
+
+def test_model_keeps_original_parameter_names_and_is_what_trains():
+    model, task, data = tiny("bert")
+    names = [n for n, _ in model.named_parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = make_ctx(model, task, data)
+    update = run_round(ctx, [DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=0)])
+    assert ctx.model is model and list(update) == names
+    assert all(not n.startswith("_module.") for n in update)
+    assert all(torch.allclose(before[n] + update[n], p) for n, p in model.named_parameters())
+    assert any(update[n].abs().sum() > 0 for n in names)
+
+
+def test_dp_update_differs_from_non_private_by_the_noise_scale():
+    """One SGD step with the same batch: noisy - clean = -lr * sigma * C / B * N(0, I)."""
+    sigma, C, lr, B = 0.5, 1.0, 1.0, 4
+    updates = []
+    for z in (0.0, sigma):
+        model, task, data = tiny("bert")
+        ctx = make_ctx(model, task, data, batch_size=B, lr=lr, local_steps=1)
+        updates.append(run_round(ctx, [DPSGD(noise_multiplier=z, max_grad_norm=C, poisson_sampling=False, noise_seed=1)]))
+        assert ctx.metrics["dp_noise_std"] == pytest.approx(z * C / B)
+    diff = torch.cat([(updates[1][k] - updates[0][k]).flatten() for k in updates[0]])
+    expected = lr * sigma * C / B
+    assert diff.numel() > 3000  # std estimate within ~1.2% (1 s.d.)
+    assert diff.std().item() == pytest.approx(expected, rel=0.05)
+    assert abs(diff.mean().item()) < 0.05 * expected
+
+
+def test_epsilon_composes_across_rounds_through_state():
+    model, task, data = tiny("vit")
+    state: dict = {}
+    eps = []
+    for rnd in (1, 2, 3):
+        ctx = make_ctx(model, task, data, batch_size=4, state=state, server_round=rnd)
+        run_round(ctx, [DPSGD(noise_multiplier=1.2, max_grad_norm=1.0, noise_seed=0)])
+        state = ctx.state
+        eps.append(ctx.metrics["epsilon"])
+        assert ctx.metrics["dp_steps"] == 4 and 0 <= ctx.metrics["dp_clip_fraction"] <= 1
+    assert eps[0] < eps[1] < eps[2]
+    assert eps[2] == pytest.approx(epsilon(1.2, 1 / 4, 12, 1e-5), rel=1e-12)  # q = 1 / len(loader)
+    assert state["dp_sgd"]["ledger"]["history"] == [[1.2, 0.25, 12]]
+
+
+def test_target_epsilon_is_met_after_all_rounds_and_clip_fraction():
+    model, task, data = tiny("vit")
+    state: dict = {}
+    for rnd in (1, 2):
+        ctx = make_ctx(model, task, data, state=state, server_round=rnd)
+        run_round(ctx, [DPSGD(target_epsilon=5.0, rounds=2, max_grad_norm=1e-4, noise_seed=0)])
+        state = ctx.state
+    assert 4.5 < ctx.metrics["epsilon"] <= 5.0
+    assert ctx.metrics["dp_clip_fraction"] == 1.0  # every per-example gradient exceeds C = 1e-4
+
+
+def test_prv_accountant_and_gpt2_train():
+    model, task, data = tiny("gpt2")
+    ctx = make_ctx(model, task, data)
+    run_round(ctx, [DPSGD(noise_multiplier=1.0, accountant="prv", noise_seed=0)])
+    assert ctx.metrics["epsilon"] == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5, "prv"), rel=1e-9)
+
+
+def test_functorch_mode_trains_and_accounts():
+    model, task, data = tiny("vit")
+    ctx = make_ctx(model, task, data)
+    run_round(ctx, [DPSGD(noise_multiplier=1.0, grad_sample_mode="functorch", noise_seed=0)])
+    assert ctx.metrics["epsilon"] == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5), rel=1e-12)
+
+
+def test_no_noise_reports_infinite_epsilon():
+    model, task, data = tiny("vit")
+    ctx = make_ctx(model, task, data)
+    run_round(ctx, [DPSGD(noise_multiplier=0.0)])
+    assert math.isinf(ctx.metrics["epsilon"])
+
+
+@pytest.mark.parametrize("params,match", [
+    ({}, "exactly one"),
+    ({"noise_multiplier": 1.0, "target_epsilon": 1.0, "rounds": 2}, "exactly one"),
+    ({"noise_multiplier": -1.0}, "noise_multiplier"),
+    ({"target_epsilon": 0.0, "rounds": 2}, "target_epsilon"),
+    ({"target_epsilon": 2.0}, "rounds"),
+    ({"noise_multiplier": 1.0, "delta": 0.0}, "delta"),
+    ({"noise_multiplier": 1.0, "delta": 1.5}, "delta"),
+    ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"noise_multiplier": 1.0, "accountant": "moments"}, "accountant"),
+    ({"noise_multiplier": 1.0, "grad_sample_mode": "ghost"}, "grad_sample_mode"),
+    ({"noise_multiplier": 1.0, "grad_sample_mode": "ew"}, "grad_sample_mode"),
+])
+def test_bad_values(params, match):
+    with pytest.raises(ValueError, match=match):
+        DPSGD(**params)
+
+
+def test_batchnorm_model_is_rejected_clearly():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    from models.tasks import TaskSpec
+    ctx = make_ctx(model, TaskSpec("image", num_classes=2), [{"pixel_values": torch.zeros(2), "labels": torch.tensor(0)}] * 4)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        DPSGD(noise_multiplier=1.0).setup(ctx)
