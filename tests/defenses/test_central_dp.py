@@ -13,9 +13,9 @@ def _cfg(n=10, m=4):
     return Config.model_validate({"federation": {"num_clients": n, "clients_per_round": m}})
 
 
-def _reply(instruction: Message, arrays: dict, num_examples: float) -> Message:
+def _reply(instruction: Message, arrays: dict, num_examples: float, weight: float = 1.0) -> Message:
     content = RecordDict({"arrays": ArrayRecord(arrays),
-                          "metrics": MetricRecord({"num-examples": num_examples})})
+                          "metrics": MetricRecord({"num-examples": num_examples, "uniform-weight": weight})})
     return Message(content, reply_to=instruction)
 
 
@@ -54,9 +54,14 @@ def test_aggregate_clips_and_adds_noise_of_the_stated_scale(monkeypatch):
     assert abs(out.mean() - clipped_mean) < 4 * z * C / m / np.sqrt(dim)
     assert out.std() == pytest.approx(z * C / m, rel=0.03)
     assert d.server_metrics(1)["central_dp_uniform_weights"] == 1.0
-    replies = [_reply(instr[i], {"w": torch.full((dim,), 0.01)}, 5.0 + i) for i in range(m)]  # (an all-zero update divides by 0 in Flower 1.42)
+    # clients report uniform-weight = 1, so unequal sizes keep uniform weights (an all-zero update divides by 0
+    # in Flower 1.42)
+    replies = [_reply(instr[i], {"w": torch.full((dim,), 0.01)}, 5.0 + i) for i in range(m)]
     wrapped.aggregate_train(2, replies)
-    assert d.server_metrics(2)["central_dp_uniform_weights"] == 0.0  # weighted FedAvg voids the C/m sensitivity
+    assert d.server_metrics(2)["central_dp_uniform_weights"] == 1.0
+    replies = [_reply(instr[i], {"w": torch.full((dim,), 0.01)}, 5.0, weight=1.0 + i) for i in range(m)]
+    wrapped.aggregate_train(3, replies)
+    assert d.server_metrics(3)["central_dp_uniform_weights"] == 0.0  # unequal weights void the C/m sensitivity
 
 
 @pytest.mark.parametrize("params,match", [
