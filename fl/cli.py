@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                     "under attacks and defenses, tracked in MLflow.",
         epilog="Examples:\n  fedprobe run experiments/quickstart.toml\n"
                "  fedprobe run experiments/quickstart.toml --set federation.rounds=5 --set optimizer.lr=0.003\n"
+               "  fedprobe sweep experiments/privacy_utility.toml\n"
+               "  fedprobe report experiments/privacy_utility.toml\n"
                "  fedprobe list",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -46,8 +48,33 @@ def _parser() -> argparse.ArgumentParser:
                      help="also write the summary (run_id, tracking_uri, final metrics) as JSON to PATH")
     run.add_argument("--resume", default="", metavar="RUN_ID",
                      help="continue a killed run from its last completed round, into the same MLflow run")
+    run.add_argument("--parent-run-id", default="", metavar="RUN_ID",
+                     help="log as a child of this MLflow run (what fedprobe sweep does for each point)")
+    run.add_argument("--run-name", default="", metavar="NAME", help="MLflow run name (default: experiment.name)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid or list of experiments as MLflow child runs (resumable)",
+        description="Run every point of a sweep file (a grid or list over config keys) as one MLflow child run under "
+                    "a parent run. Rerunning skips points that already finished (matched by a hash of the resolved "
+                    "config), so a killed sweep loses no finished point.",
+        epilog="See experiments/privacy_utility.toml for the format.")
+    sweep.add_argument("sweep", metavar="SWEEP.toml", help="sweep file")
+    sweep.add_argument("--tracking-uri", default="", metavar="URI", help="MLflow tracking URI (default as for run)")
+    sweep.add_argument("--parallel", type=int, default=0, metavar="N",
+                       help="points at once (default: sweep.parallel); each point is its own process and Ray instance")
+    sweep.add_argument("--no-report", action="store_true", help="do not build the report when the sweep ends")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = sub.add_parser(
+        "report", help="privacy-utility curves and a table for a sweep, as PNG and one HTML page",
+        description="Plot utility (accuracy, perplexity) against privacy (epsilon, attack success) for the child runs "
+                    "of a sweep; write PNGs, report.html (self-contained) and points.csv, and log them as artifacts "
+                    "of the sweep's parent run.")
+    report.add_argument("target", metavar="SWEEP_OR_PARENT_RUN", help="a sweep file or a parent run id")
+    report.add_argument("--out", default="", metavar="DIR", help="output folder (default: fedprobe-output/reports/NAME)")
+    report.add_argument("--tracking-uri", default="", metavar="URI", help="MLflow tracking URI (default as for run)")
 
     sub.add_parser("list", help="list every registered dataset, model, attention kernel, optimizer, attack and defense",
                    description="List every registered dataset, model family, attention kernel, optimizer, attack and "
@@ -85,8 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.model.family}-{cfg.model.size} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
           f"attack={cfg.attack.name}; defenses={[d.name for d in cfg.defenses] or 'none'}", file=sys.stderr)
     try:
-        summary = simulate(cfg, RunOptions(tracking_uri=uri, progress=not args.no_progress,
-                                           resume_run_id=args.resume), verbose=args.verbose)
+        summary = simulate(cfg, RunOptions(tracking_uri=uri, progress=not args.no_progress, resume_run_id=args.resume,
+                                           parent_run_id=args.parent_run_id, run_name=args.run_name),
+                           verbose=args.verbose)
     except SimulationError as exc:
         cause = exc.__cause__
         code = EXIT_USAGE if isinstance(cause, (ValueError, FileNotFoundError, KeyError)) else EXIT_FAILED
@@ -110,6 +138,37 @@ def _print_summary(summary: dict) -> None:
           f"mlflow ui --backend-store-uri {summary['tracking_uri']}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fl.config import ConfigError
+    from fl.registry import RegistryError
+    from fl.sweep import run_sweep
+    from fl.tracking import TrackingError
+
+    try:
+        result = run_sweep(args.sweep, args.tracking_uri, args.parallel, progress=not args.no_progress)
+    except (ConfigError, RegistryError, TrackingError) as exc:
+        return _err(str(exc), EXIT_USAGE)
+    print(f"sweep: {result['ran']} points run, {result['skipped']} skipped (already finished), "
+          f"{len(result['failed'])} failed; parent run {result['parent_run_id']}")
+    if not args.no_report:
+        args.target, args.out = result["parent_run_id"], ""
+        cmd_report(args)
+    return EXIT_FAILED if result["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fl.config import ConfigError
+    from fl.report import ReportError, build_report
+    from fl.tracking import TrackingError
+
+    try:
+        out = build_report(args.target, args.out, args.tracking_uri)
+    except (ConfigError, ReportError, TrackingError) as exc:
+        return _err(str(exc), EXIT_USAGE)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -117,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_list()
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
+    if args.command == "report":
+        return cmd_report(args)
     parser.print_help()
     return EXIT_USAGE
 

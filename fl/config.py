@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,30 +169,34 @@ def parse_value(text: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``dotted.key=value`` to a raw config dict in place."""
+    """Apply ``dotted.key=value`` (value parsed as TOML) to a raw config dict in place."""
     key, sep, value = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ConfigError(f"bad --set {assignment!r}: expected dotted.key=value, e.g. federation.rounds=5")
+    set_dotted(data, key.strip(), parse_value(value))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b]...[z] = value`` for ``key = "a.b...z"``; list entries by index (``defenses.0.name``)."""
     parts = key.split(".")
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"bad --set key '{key}': '{'.'.join(parts[:i])}' is a list; use an index below {len(node)}")
-            node = node[int(part)]
+                raise ConfigError(f"bad key '{key}': '{'.'.join(parts[:i])}' is a list; use an index below {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
             continue
+        if last:
+            node[part] = value
+            break
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, (dict, list)):
-            raise ConfigError(f"bad --set key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            raise ConfigError(f"bad key '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
         node = nxt
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"bad --set key '{key}': use an index below {len(node)}")
-        node[int(last)] = parse_value(value)
-    else:
-        node[last] = parse_value(value)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -199,19 +206,22 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError(_format_error(err)) from None
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (give the path to a .toml file, e.g. experiments/quickstart.toml)")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a UTF-8 text file") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config (or defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (give the path to a .toml file, e.g. experiments/quickstart.toml)")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p} is not a UTF-8 text file") from None
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     for assignment in overrides:
         apply_override(data, assignment)
     return config_from_dict(data)

@@ -43,6 +43,8 @@ class RunOptions:
     tracking_uri: str = ""
     progress: bool = True
     resume_run_id: str = ""
+    parent_run_id: str = ""  # attach as a child run (sweeps)
+    run_name: str = ""
 
 
 def _tags(cfg: Config) -> dict[str, str]:
@@ -73,7 +75,8 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     trainable, total = count_parameters(model)
 
     tracker = Tracker(options.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment,
-                      cfg.tracking.run_name or cfg.experiment.name, tags=_tags(cfg), run_id=options.resume_run_id or None)
+                      options.run_name or cfg.tracking.run_name or cfg.experiment.name, tags=_tags(cfg),
+                      parent_run_id=options.parent_run_id or None, run_id=options.resume_run_id or None)
     start_round = 1
     history: list[dict[str, float]] = []
     ckpt_path = _checkpoint_path(cfg, tracker.run_id)

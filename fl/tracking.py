@@ -61,7 +61,8 @@ class Tracker:
     """One MLflow run: params, per-step metrics, tags, artifacts."""
 
     def __init__(self, uri: str, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, run_id: str | None = None,
+                 reuse_tags: dict[str, str] | None = None) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         import mlflow
         from mlflow import MlflowClient
@@ -72,6 +73,10 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if reuse_tags and not run_id:  # reuse the newest run carrying these tags (a sweep's parent)
+            found = self.client.search_runs([self.experiment_id], filter_string=" and ".join(
+                f"tags.`{k}` = '{v}'" for k, v in reuse_tags.items()), max_results=1, order_by=["start_time DESC"])
+            run_id = found[0].info.run_id if found else None
         if run_id:  # resume
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

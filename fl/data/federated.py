@@ -83,18 +83,25 @@ def load_dataset(name: str, params: dict[str, Any] | None = None) -> LoadedData:
 
 
 def _test_split(n: int, labels: np.ndarray | None, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices; stratified by label where every class has >= 2 items."""
-    from sklearn.model_selection import train_test_split
+    """(train, test) indices; ``ceil(fraction * n)`` test items, stratified by label when labels exist.
 
-    idx = np.arange(n)
-    try:
-        train, test = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
-    except ValueError:
-        try:  # a class too small to stratify: plain random split
-            train, test = train_test_split(idx, test_size=fraction, random_state=seed)
-        except ValueError as exc:
-            raise DataError(f"cannot hold out data.test_fraction={fraction} of {n} items ({exc})") from None
-    return np.sort(train), np.sort(test)
+    Stratification without scikit-learn (importing it costs seconds in every client
+    process): items get the key (rank within its shuffled class + U[0,1)) / class size and
+    the smallest keys form the test split, so every class gives a ``fraction`` share (+-1).
+    """
+    n_test = int(np.ceil(fraction * n))
+    if not 0 < n_test < n:
+        raise DataError(f"cannot hold out data.test_fraction={fraction} of {n} items; change data.test_fraction")
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    key = np.empty(n)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        key[idx] = (np.arange(len(idx)) + rng.random(len(idx))) / len(idx)
+    order = np.argsort(key, kind="stable")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 @lru_cache(maxsize=16)

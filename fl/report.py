@@ -1,0 +1,190 @@
+"""``fedprobe report``: privacy-utility curves for a sweep's child runs.
+
+Utility (accuracy, perplexity) against privacy (epsilon, and attack success:
+PSNR / SSIM for images, token accuracy for text) as one PNG, a points table as
+CSV, and one self-contained HTML page (the PNG embedded), all also logged as
+artifacts of the sweep's parent run under ``report/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+UTILITY = ("accuracy", "perplexity")
+ATTACK_SUCCESS = ("attack_psnr", "attack_token_accuracy", "attack_ssim", "attack_rouge_l", "attack_label_accuracy")
+TAG_COLUMNS = ("fedprobe.dataset", "fedprobe.model", "attack", "defense", "optimizer", "attention", "adapter")
+
+
+class ReportError(ValueError):
+    """No such sweep or parent run, or nothing to report."""
+
+
+def _parent_run(client: Any, target: str) -> tuple[Any, str]:
+    from fl.sweep import load_sweep
+
+    if Path(target).is_file():
+        sweep = load_sweep(target)
+        exp = client.get_experiment_by_name(sweep.experiment)
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`fedprobe.sweep_digest` = '{sweep.digest}'",
+                                   max_results=1, order_by=["start_time DESC"]) if exp else []
+        if not found:
+            raise ReportError(f"no parent run for sweep {target} in experiment {sweep.experiment!r}; run "
+                              f"'fedprobe sweep {target}' first")
+        return found[0], sweep.name
+    try:
+        run = client.get_run(target)
+    except Exception:
+        raise ReportError(f"{target!r} is neither a sweep file nor a run id in this tracking store") from None
+    return run, run.data.tags.get("fedprobe.sweep", run.info.run_name or target)
+
+
+def collect_points(client: Any, parent: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    swept = json.loads(parent.data.tags.get("fedprobe.swept_keys", "[]"))
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000)
+    rows = []
+    for run in children:
+        metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")}
+        if not metrics:  # a run that never finished a round
+            metrics = dict(run.data.metrics)
+        row = {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status}
+        row.update({k: run.data.params.get(k, "") for k in swept})
+        row.update({k: run.data.tags.get(k, "") for k in TAG_COLUMNS})
+        row.update(metrics)
+        rows.append(row)
+    rows.sort(key=lambda r: r["name"] or "")
+    return swept, rows
+
+
+def _series_key(row: dict[str, Any]) -> str:
+    return f"{row.get('fedprobe.model', '')} on {row.get('fedprobe.dataset', '')}, attack {row.get('attack', '')}"
+
+
+def plot(rows: list[dict[str, Any]], title: str) -> bytes:
+    """Three panels: utility vs epsilon, attack success vs epsilon, utility vs attack success (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    utility = next((u for u in UTILITY if any(u in r for r in rows)), None)
+    attack = next((a for a in ATTACK_SUCCESS if any(a in r for r in rows)), None)
+    finite = [r["epsilon"] for r in rows if "epsilon" in r and math.isfinite(r["epsilon"])]
+    eps_inf = (max(finite) * 3 if finite else 10.0)  # where "no formal guarantee" points are drawn
+
+    def eps(r: dict[str, Any]) -> float:
+        e = r.get("epsilon", math.inf)
+        return e if math.isfinite(e) else eps_inf
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    panels = [("epsilon", utility, axes[0]), ("epsilon", attack, axes[1]), (attack, utility, axes[2])]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "FINISHED":
+            groups.setdefault(_series_key(r), []).append(r)
+    for x_key, y_key, ax in panels:
+        if x_key is None or y_key is None:
+            ax.text(0.5, 0.5, f"no {'attack score' if None in (x_key, y_key) else 'data'} in these runs",
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for label, members in groups.items():
+            pts = [(eps(r) if x_key == "epsilon" else r.get(x_key, math.nan), r.get(y_key, math.nan)) for r in members]
+            pts = sorted(p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1])))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if x_key == "epsilon":
+            ax.set_xscale("log")
+            ax.axvline(eps_inf, color="grey", lw=0.8, ls=":")
+            ax.annotate("no DP (ε = ∞)", (eps_inf, ax.get_ylim()[0]), rotation=90, va="bottom", ha="right",
+                        fontsize=8, color="grey")
+            ax.set_xlabel("ε (client-level, max over clients; lower is more private)")
+        else:
+            ax.set_xlabel(f"{x_key} (attack success; lower is more private)")
+        ax.set_ylabel(y_key)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "∞" if math.isinf(v) else f"{v:.4g}"
+    return str(v)
+
+
+def render_html(title: str, parent_id: str, columns: list[str], rows: list[dict[str, Any]], png: bytes) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    img = base64.b64encode(png).decode()
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }}
+th {{ background: #f2f2f2; position: sticky; top: 0; }}
+td:nth-child(-n+2) {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+.meta {{ color: #666; font-size: 0.85rem; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">MLflow parent run <code>{html.escape(parent_id)}</code> · {len(rows)} points · generated {now}</p>
+<h2>Privacy-utility curves</h2>
+<img alt="privacy-utility curves" src="data:image/png;base64,{img}">
+<h2>Points</h2>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+</body></html>
+"""
+
+
+def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") -> Path:
+    from mlflow import MlflowClient
+
+    from fl.tracking import check_reachable, resolve_uri
+
+    if not tracking_uri and Path(target).is_file():
+        from fl.sweep import load_sweep
+
+        tracking_uri = load_sweep(target).tracking_uri
+    uri = resolve_uri(tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    parent, name = _parent_run(client, target)
+    swept, rows = collect_points(client, parent)
+    if not rows:
+        raise ReportError(f"parent run {parent.info.run_id} has no child runs to report")
+    out = Path(out_dir or Path("fedprobe-output") / "reports" / name)
+    out.mkdir(parents=True, exist_ok=True)
+    metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "central_epsilon",
+                               *ATTACK_SUCCESS) if any(c in r for r in rows)]
+    columns = ["name", "status", *swept, *metric_cols, "run_id"]
+    png = plot(rows, f"{name}: privacy vs utility")
+    (out / "privacy_utility.png").write_bytes(png)
+    (out / "report.html").write_text(render_html(f"fedprobe report: {name}", parent.info.run_id, columns, rows, png))
+    with (out / "points.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    for f in ("privacy_utility.png", "report.html", "points.csv"):
+        client.log_artifact(parent.info.run_id, str(out / f), "report")
+    return out

@@ -1,0 +1,179 @@
+"""``fedprobe sweep``: a grid or list of experiments as MLflow child runs under one parent.
+
+A sweep file::
+
+    [sweep]
+    name = "privacy_utility"
+    base = "dp_sgd.toml"          # experiment config, relative to this file
+    parallel = 1                  # points run at once (each its own process and Ray instance)
+    set = { "federation.rounds" = 3 }              # applied to every point
+    [sweep.grid]                  # cartesian product over dotted config keys
+    "defenses.0.params.noise_multiplier" = [0.5, 1.0, 2.0]
+    [[sweep.points]]              # and/or a list of points (crossed with the grid)
+    "data.dataset" = "digits"
+
+Each point is the base config plus its overrides, validated up front. A point is
+identified by the hash of its resolved config: a rerun skips every point that
+already has a FINISHED child run under the sweep's parent run, so a killed sweep
+loses no finished point.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl.config import Config, ConfigError, config_from_dict, read_toml, set_dotted
+
+SWEEP_KEYS = {"name", "base", "parallel", "set", "grid", "points", "description"}
+
+
+@dataclass
+class Point:
+    index: int
+    overrides: dict[str, Any]
+    config: Config
+
+    @property
+    def digest(self) -> str:
+        return self.config.digest()
+
+    def label(self) -> str:
+        return ", ".join(f"{k.split('.')[-1] if k.count('.') > 1 else k}={v}" for k, v in self.overrides.items()) or "base"
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    parallel: int
+    swept_keys: list[str]
+    points: list[Point]
+    digest: str
+    experiment: str
+    tracking_uri: str
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    raw = read_toml(path)
+    spec = raw.get("sweep")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: missing [sweep] table (with name, base and grid or points)")
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown sweep key 'sweep.{sorted(unknown)[0]}'; allowed keys in [sweep]: {', '.join(sorted(SWEEP_KEYS))}")
+    base_data = read_toml(path.parent / spec["base"]) if spec.get("base") else {}
+    base_data.update({k: v for k, v in raw.items() if k != "sweep"})  # inline config sections
+    for key, value in (spec.get("set") or {}).items():
+        set_dotted(base_data, key, value)
+    grid = spec.get("grid") or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid.'{key}' must be a non-empty list of values")
+    listed = spec.get("points") or [{}]
+    if not isinstance(listed, list) or not all(isinstance(p, dict) for p in listed):
+        raise ConfigError("sweep.points must be an array of tables ([[sweep.points]])")
+    parallel = int(spec.get("parallel", 1))
+    if parallel < 1:
+        raise ConfigError(f"sweep.parallel must be >= 1, got {parallel}")
+    points: list[Point] = []
+    for combo in itertools.product(*grid.values()) if grid else [()]:
+        for extra in listed:
+            overrides = {**dict(zip(grid.keys(), combo)), **extra}
+            data = copy.deepcopy(base_data)
+            for key, value in overrides.items():
+                set_dotted(data, key, value)
+            try:
+                cfg = config_from_dict(data)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep point {overrides}: {exc}") from None
+            points.append(Point(len(points), overrides, cfg))
+    keys = list(grid) + [k for p in listed for k in p if k not in grid]
+    swept = list(dict.fromkeys(keys))
+    digest = hashlib.sha256(json.dumps([p.digest for p in points]).encode()).hexdigest()[:16]
+    first = points[0].config
+    return Sweep(name=str(spec.get("name") or path.stem), path=path, parallel=parallel, swept_keys=swept,
+                 points=points, digest=digest, experiment=first.tracking.experiment, tracking_uri=first.tracking.uri)
+
+
+def find_or_create_parent(sweep: Sweep, uri: str) -> Any:
+    """The sweep's parent run (matched by sweep name and point set), created on first use."""
+    from fl.tracking import Tracker
+
+    tracker = Tracker(uri, sweep.experiment, run_name=f"sweep:{sweep.name}",
+                      tags={"fedprobe.sweep": sweep.name, "fedprobe.sweep_digest": sweep.digest,
+                            "fedprobe.swept_keys": json.dumps(sweep.swept_keys)},
+                      reuse_tags={"fedprobe.sweep_digest": sweep.digest})
+    return tracker
+
+
+def finished_digests(tracker: Any) -> set[str]:
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}' and "
+                                                    "attributes.status = 'FINISHED'", max_results=10000)
+    return {r.data.tags.get("fedprobe.config_digest", "") for r in runs}
+
+
+def _run_point(point: Point, parent_id: str, uri: str, workdir: Path) -> tuple[Point, int, str]:
+    import tomli_w
+
+    cfg_path = workdir / f"point-{point.index:03d}-{point.digest}.toml"
+    cfg_path.write_text(tomli_w.dumps(point.config.to_dict()))
+    summary = cfg_path.with_suffix(".summary.json")
+    log = cfg_path.with_suffix(".log")
+    cmd = [sys.executable, "-m", "fl.cli", "run", str(cfg_path), "--tracking-uri", uri, "--parent-run-id", parent_id,
+           "--no-progress", "--summary-json", str(summary), "--run-name", f"{point.index:03d} {point.label()}"]
+    with log.open("w") as fh:
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+    return point, code, tail[0] if tail else ""
+
+
+def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run every unfinished point; return {parent_run_id, ran, skipped, failed}."""
+    from tqdm.auto import tqdm
+
+    from fl.plugins import check_names
+    from fl.tracking import check_reachable, resolve_uri
+
+    sweep = load_sweep(path)
+    for p in sweep.points:
+        check_names(p.config)
+    uri = resolve_uri(tracking_uri or sweep.tracking_uri)
+    check_reachable(uri)
+    parent = find_or_create_parent(sweep, uri)
+    done = finished_digests(parent)
+    todo = [p for p in sweep.points if p.digest not in done]
+    workdir = Path(sweep.points[0].config.tracking.output_dir) / "sweeps" / f"{sweep.name}-{sweep.digest}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"fedprobe sweep {sweep.name}: {len(sweep.points)} points, {len(sweep.points) - len(todo)} already finished, "
+          f"{len(todo)} to run; parent run {parent.run_id}", file=sys.stderr)
+    failed: list[str] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="points", unit="point", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=parallel or sweep.parallel) as pool:
+        futures = [pool.submit(_run_point, p, parent.run_id, uri, workdir) for p in todo]
+        for fut in as_completed(futures):
+            point, code, tail = fut.result()
+            if code != 0:
+                failed.append(f"point {point.index} ({point.label()}): exit {code}: {tail}")
+                print(f"fedprobe sweep: {failed[-1]}", file=sys.stderr)
+            bar.update(1)
+    bar.close()
+    parent.log_dict({"sweep": sweep.name, "points": [{"index": p.index, "digest": p.digest, "overrides": p.overrides}
+                                                     for p in sweep.points]}, "sweep_points.json")
+    status = "FAILED" if failed else "FINISHED"
+    parent.finish(status)
+    return {"parent_run_id": parent.run_id, "tracking_uri": uri, "points": len(sweep.points),
+            "ran": len(todo), "skipped": len(sweep.points) - len(todo), "failed": failed,
+            "seconds": time.perf_counter() - t0}

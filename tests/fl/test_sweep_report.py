@@ -1,0 +1,114 @@
+"""Sweeps (expansion, validation, resumable runs) and reports (plots, HTML, CSV)."""
+
+
+import pytest
+from mlflow import MlflowClient
+
+from fl.config import ConfigError
+from fl.report import plot, render_html
+from fl.sweep import load_sweep
+
+BASE = """
+[experiment]
+seed = 0
+[federation]
+num_clients = 2
+rounds = 1
+local_steps = 1
+batch_size = 8
+[data]
+dataset = "digits"
+[model]
+family = "vit"
+size = "tiny"
+"""
+
+
+def _write(tmp_path, sweep_body):
+    (tmp_path / "base.toml").write_text(BASE)
+    path = tmp_path / "sweep.toml"
+    path.write_text(sweep_body)
+    return path
+
+
+def test_grid_times_points_expands_and_validates(tmp_path):
+    path = _write(tmp_path, """
+[sweep]
+name = "s"
+base = "base.toml"
+set = { "federation.rounds" = 2 }
+[sweep.grid]
+"optimizer.lr" = [0.01, 0.1]
+"federation.batch_size" = [4, 8, 16]
+[[sweep.points]]
+"attack.name" = "update_norm"
+[[sweep.points]]
+"attack.name" = "none"
+""")
+    sweep = load_sweep(path)
+    assert len(sweep.points) == 2 * 3 * 2
+    assert sweep.swept_keys == ["optimizer.lr", "federation.batch_size", "attack.name"]
+    assert all(p.config.federation.rounds == 2 for p in sweep.points)
+    assert len({p.digest for p in sweep.points}) == 12  # every point distinct
+    assert load_sweep(path).digest == sweep.digest  # stable
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("[sweep]\nbase = 'base.toml'\nbogus = 1\n", "unknown sweep key 'sweep.bogus'"),
+    ("[sweep]\nbase = 'base.toml'\n[sweep.grid]\n'optimizer.lr' = []\n", "non-empty list"),
+    ("[sweep]\nbase = 'base.toml'\n[sweep.grid]\n'federation.rounds' = [0]\n", "'federation.rounds'"),
+    ("[sweep]\nbase = 'missing.toml'\n", "config file not found"),
+    ("name = 'x'\n", "missing [sweep] table"),
+])
+def test_bad_sweeps_are_one_line_errors(tmp_path, body, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_write(tmp_path, body))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plot_and_html_are_self_contained():
+    rows = [
+        {"name": f"p{i}", "status": "FINISHED", "epsilon": e, "accuracy": a, "attack_psnr": p, "run_id": f"r{i}",
+         "fedprobe.dataset": "digits", "fedprobe.model": "vit-tiny", "attack": "dlg"}
+        for i, (e, a, p) in enumerate([(0.5, 0.6, 12.0), (2.0, 0.8, 18.0), (float("inf"), 0.9, 30.0)])
+    ]
+    png = plot(rows, "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    page = render_html("title", "parent", ["name", "epsilon", "accuracy", "attack_psnr"], rows, png)
+    assert page.count("<tr>") == 4 and "∞" in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched by the browser
+
+
+@pytest.mark.slow
+def test_sweep_runs_children_resumes_and_reports(tmp_path, monkeypatch):
+    from fl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, """
+[sweep]
+name = "tiny"
+base = "base.toml"
+[sweep.grid]
+"optimizer.lr" = [0.001, 0.01]
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", str(path), "--tracking-uri", uri, "--no-progress"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.search_runs([client.get_experiment_by_name("fedprobe").experiment_id],
+                                filter_string="tags.`fedprobe.sweep` = 'tiny'")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert all("final_accuracy" in c.data.metrics for c in children)
+    assert {c.data.params["optimizer.lr"] for c in children} == {"0.001", "0.01"}
+    # rerun: both points are skipped, no new child appears
+    assert main(["sweep", str(path), "--tracking-uri", uri, "--no-progress", "--no-report"]) == 0
+    again = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(again) == 2
+    out = tmp_path / "rep"
+    assert main(["report", str(path), "--tracking-uri", uri, "--out", str(out)]) == 0
+    assert (out / "privacy_utility.png").stat().st_size > 10_000
+    assert (out / "report.html").read_text().count("<tr>") == 3
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/privacy_utility.png", "report/points.csv"} <= arts
