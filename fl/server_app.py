@@ -200,7 +200,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: config from run config ``config-path`` (+ ``overrides``)."""
+    """Entry point for ``flwr run .``: config from run config ``config-path`` (+ ``overrides``).
+
+    The federation's SuperNodes are the clients: ``federation.num_clients`` follows their number.
+    """
     cfg = config_from_context(context)
+    nodes = len(list(grid.get_node_ids()))
+    if nodes and nodes != cfg.federation.num_clients:
+        log.warning("federation has %d SuperNodes: using federation.num_clients=%d", nodes, nodes)
+        data = cfg.to_dict()
+        data["federation"]["num_clients"] = nodes
+        data["federation"]["clients_per_round"] = min(cfg.federation.clients_per_round, nodes)
+        cfg = config_from_dict(data)
     summary = run_federation(grid, cfg, RunOptions(tracking_uri=str(context.run_config.get("tracking-uri", ""))))
     log.info("fedprobe summary: %s", json.dumps(summary["final"]))
