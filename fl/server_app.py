@@ -213,4 +213,4 @@ def main(grid: Grid, context: Context) -> None:
         data["federation"]["clients_per_round"] = min(cfg.federation.clients_per_round, nodes)
         cfg = config_from_dict(data)
     summary = run_federation(grid, cfg, RunOptions(tracking_uri=str(context.run_config.get("tracking-uri", ""))))
-    log.info("fedprobe summary: %s", json.dumps(summary["final"]))
+    print(f"fedprobe summary: run {summary['run_id']} {summary['status']} {json.dumps(summary['final'])}", flush=True)
