@@ -47,6 +47,8 @@ class FederationConfig(_Section):
     failure_rate: float = Field(0.0, ge=0, lt=1, description="fraction of clients that crash each round (fault injection)")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies in one round")
     device: str = Field("auto", description="client torch device: auto, cpu or cuda")
+    ray_address: str = Field("", description="existing Ray cluster to run clients on (e.g. 'auto' or 'ray://head:10001'); "
+                                             "empty starts a local Ray instance")
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":

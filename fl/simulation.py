@@ -31,7 +31,9 @@ class SimulationError(RuntimeError):
 def backend_config(cfg: Config) -> dict[str, Any]:
     fed = cfg.federation
     init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True}
-    if fed.client_gpus > 0:
+    if fed.ray_address:  # join an existing cluster: its resources are the cluster's, not this machine's
+        init_args = {"address": fed.ray_address, "logging_level": "ERROR", "log_to_driver": True}
+    elif fed.client_gpus > 0:
         import torch
 
         init_args["num_gpus"] = torch.cuda.device_count()
