@@ -163,7 +163,7 @@ class ServerHook:
         t0 = time.perf_counter()
         recon = self.attack.attack(obs)
         row: dict[str, Any] = {"round": server_round, "client": pid, "attack_seconds": time.perf_counter() - t0}
-        row.update({f"attack_{k}": float(v) for k, v in recon.metrics.items()})
+        row.update({k if k.startswith("attack_") else f"attack_{k}": float(v) for k, v in recon.metrics.items()})
         if oracle:
             from attacks.harness import save_artifacts, score
 

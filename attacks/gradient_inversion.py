@@ -1,0 +1,371 @@
+"""Optimisation-based gradient inversion: DLG, iDLG, Inverting Gradients, TAG.
+
+All four search a dummy batch whose recomputed update (``attacks.gradients.simulate``)
+matches the observed one; they differ in objective, optimiser, label handling and
+(TAG) the search space:
+
+* ``dlg``  (Zhu et al. 2019): L2 distance, L-BFGS; labels given, else optimised jointly
+  as soft labels.
+* ``idlg`` (Zhao et al. 2020): DLG with labels read off the output-bias gradient.
+* ``inverting_gradients`` (Geiping et al. 2020): 1 - cosine + TV, Adam on signed
+  gradients, step decay, pixels boxed to the valid range; iDLG labels.
+* ``tag`` (Deng et al. 2021): text; L2 + 0.1 L1 in the continuous ``inputs_embeds``
+  space, tokens by nearest embedding among the tokens whose embedding rows received
+  gradient (breaching's ``from-limited-embedding``). [project's choice] A greedy
+  discrete refinement (one sweep: for every position try every candidate token, keep
+  the one with the smallest gradient distance on the *full* update, embedding
+  included), in the spirit of LAMP's discrete steps; ``refine_sweeps=0`` gives plain TAG.
+
+Labels: the threat model grants them only via ``obs.labels``; ``label_strategy`` is
+``auto`` (given > iDLG > joint), ``given_or_joint`` (DLG's default), ``given``, ``idlg``
+or ``joint``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from attacks.base import ATTACKS, Attack, Observation, Reconstruction
+from attacks.gradients import (
+    attack_model,
+    embedding_name,
+    examples_touched,
+    gradient_distance,
+    infer_labels,
+    observed_target,
+    simulate,
+)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class GradientInversion(Attack):
+    """Shared machinery; subclasses set the defaults (see the module docstring)."""
+
+    objective: ClassVar[str] = "l2"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        cfg: dict[str, Any] = dict(
+            optimizer="lbfgs", iterations=300, lr=1.0, tv=0.0, label_strategy="auto", max_seconds=60.0,
+            dtype="float64", seed=0, boxed=False, signed=False, init_scale=1.0, tag_scale=0.1,
+        )
+        cfg.update(self.defaults)
+        unknown = sorted(set(params) - set(cfg))
+        if unknown:
+            raise TypeError(f"unexpected parameters {unknown}; allowed: {sorted(cfg)}")
+        cfg.update(params)
+        if cfg["optimizer"] not in ("lbfgs", "adam"):
+            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {cfg['optimizer']!r}")
+        if cfg["label_strategy"] not in ("auto", "given_or_joint", "given", "idlg", "joint"):
+            raise ValueError(f"label_strategy must be auto, given_or_joint, given, idlg or joint, got {cfg['label_strategy']!r}")
+        if cfg["dtype"] not in _DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {cfg['dtype']!r}")
+        self.cfg = cfg
+
+    # ---- labels -------------------------------------------------------------------
+    def _labels(self, obs: Observation, n: int) -> torch.Tensor | None:
+        """Hard labels, or None meaning 'optimise soft labels jointly'."""
+        s = self.cfg["label_strategy"]
+        if obs.task.kind == "lm":
+            return None if obs.labels is None else obs.labels.long()
+        if s in ("auto", "given_or_joint", "given") and obs.labels is not None:
+            return obs.labels.long().view(-1)[:n]
+        if s == "given":
+            raise ValueError("label_strategy='given' but the threat model grants no labels (obs.labels is None)")
+        if s in ("auto", "idlg"):
+            y = infer_labels(obs, n)
+            if y is not None:
+                return y
+            if s == "idlg":
+                raise ValueError("iDLG needs an output-layer bias of shape [num_classes]; use label_strategy='joint'")
+        return None
+
+    # ---- search space (images; TAG overrides) --------------------------------------
+    def _init_inputs(self, obs: Observation, n: int, params: dict[str, torch.Tensor], gen: torch.Generator,
+                     dtype: torch.dtype) -> torch.Tensor:
+        c, h, w = obs.task.image_shape
+        if c * h * w == 0:
+            raise ValueError("image attacks need task.image_shape (C, H, W)")
+        return self.cfg["init_scale"] * torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+
+    def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": x}
+
+    def _box(self, obs: Observation, x: torch.Tensor) -> None:
+        if not self.cfg["boxed"] or not obs.task.mean:
+            return
+        mean = torch.tensor(obs.task.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(obs.task.std, dtype=x.dtype).view(1, -1, 1, 1)
+        x.data = torch.max(torch.min(x.data, (1 - mean) / std), -mean / std)
+
+    def _prior(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg["tv"] <= 0 or x.dim() != 4:
+            return x.new_zeros(())
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        return self.cfg["tv"] * tv
+
+    def _excluded(self, obs: Observation, params: dict[str, torch.Tensor]) -> set[str]:
+        return set()
+
+    def _refresh_labels(self, obs: Observation, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    # ---- the attack ----------------------------------------------------------------
+    def attack(self, obs: Observation) -> Reconstruction:
+        cfg, t0 = self.cfg, time.perf_counter()
+        dtype = _DTYPES[cfg["dtype"]]
+        gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        model = attack_model(obs.model_factory, dtype)
+        tgt, steps, lr = observed_target(obs, dtype)
+        n, bs = examples_touched(obs), int(obs.metadata["batch_size"])
+        params = {k: v.detach().to(dtype).clone().requires_grad_(k in tgt) for k, v in obs.global_params.items()}
+        names = [k for k in tgt if k in params and k not in self._excluded(obs, params)]
+        tgt = {k: tgt[k] for k in names}
+        labels = self._labels(obs, n)
+        x = self._init_inputs(obs, n, params, gen, dtype).requires_grad_(True)
+        free = [x]
+        soft = None
+        if labels is None and obs.task.kind != "lm":
+            soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).requires_grad_(True)
+            free.append(soft)
+
+        def objective() -> torch.Tensor:
+            y = labels if labels is not None else (soft if soft is not None else self._refresh_labels(obs, x, params))
+            assert y is not None
+            sim = simulate(model, params, names, self._model_inputs(x), y, obs.task, steps, lr, bs)
+            return gradient_distance(sim, tgt, self.objective, cfg["tag_scale"]) + self._prior(x)
+
+        history: list[float] = []
+        it = 0
+        if cfg["optimizer"] == "lbfgs":
+            opt = torch.optim.LBFGS(free, lr=cfg["lr"], max_iter=20, history_size=100, line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-30, tolerance_change=1e-30)
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = objective()
+                loss.backward()
+                return loss
+
+            while it < cfg["iterations"] and time.perf_counter() - t0 < cfg["max_seconds"]:
+                loss = opt.step(closure)
+                it += 20
+                history.append(float(loss.detach()))
+                if not math.isfinite(history[-1]) or history[-1] < 1e-28:
+                    break
+                self._box(obs, x)
+        else:
+            opt = torch.optim.Adam(free, lr=cfg["lr"])
+            T = int(cfg["iterations"])
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3 * T // 8, 5 * T // 8, 7 * T // 8], gamma=0.1)
+            while it < T and time.perf_counter() - t0 < cfg["max_seconds"]:
+                opt.zero_grad()
+                loss = objective()
+                loss.backward()
+                if cfg["signed"]:
+                    for p in free:
+                        p.grad.sign_()
+                opt.step()
+                sched.step()
+                self._box(obs, x)
+                it += 1
+                history.append(float(loss.detach()))
+                if not math.isfinite(history[-1]):
+                    break
+        rec = self._finish(obs, x.detach(), labels, soft, params, names, tgt, steps, lr, bs, model)
+        rec.metrics.update({
+            "grad_distance": history[-1] if history else float("nan"),
+            "iterations": float(it),
+            "attack_seconds": time.perf_counter() - t0,
+        })
+        rec.artifacts["loss_history"] = history
+        return rec
+
+    def _finish(self, obs: Observation, x: torch.Tensor, labels: torch.Tensor | None, soft: torch.Tensor | None,
+                params: dict[str, torch.Tensor], names: list[str], tgt: dict[str, torch.Tensor], steps: int, lr: float,
+                bs: int, model: nn.Module) -> Reconstruction:
+        y = labels if labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
+        return Reconstruction(inputs=x.float(), labels=y)
+
+
+@ATTACKS.register("dlg")
+class DLG(GradientInversion):
+    """Deep Leakage from Gradients: L2 gradient matching, L-BFGS, joint soft labels unless given."""
+
+    objective = "l2"
+    defaults = {"label_strategy": "given_or_joint"}
+
+
+
+
+@ATTACKS.register("idlg")
+class IDLG(GradientInversion):
+    """iDLG: labels from the output-bias gradient, then DLG (L2, L-BFGS)."""
+
+    objective = "l2"
+    defaults = {"label_strategy": "idlg"}
+
+
+@ATTACKS.register("inverting_gradients")
+class InvertingGradients(GradientInversion):
+    """Inverting Gradients: 1 - cosine + total variation, signed Adam, boxed pixels, iDLG labels."""
+
+    objective = "cosine"
+    defaults = {"optimizer": "adam", "lr": 0.1, "iterations": 2000, "tv": 1e-2, "boxed": True, "signed": True,
+                "dtype": "float32"}
+
+
+@ATTACKS.register("tag")
+class TAG(GradientInversion):
+    """TAG: text gradient matching (L2 + L1) in embedding space, tokens by nearest embedding."""
+
+    objective = "tag"
+    defaults = {"optimizer": "adam", "lr": 0.05, "iterations": 400, "dtype": "float32"}
+
+    def __init__(self, **params: Any) -> None:
+        self.refine_sweeps = int(params.pop("refine_sweeps", 1))
+        self.init = str(params.pop("init", "positions"))
+        self.exact_match = float(params.pop("exact_match", 0.9999))
+        self._match_confidence = 0.0
+        if self.init not in ("positions", "random"):
+            raise ValueError(f"tag init must be 'positions' or 'random', got {self.init!r}")
+        super().__init__(**params)
+        self._cand: torch.Tensor | None = None
+        self._emb: str = ""
+        self._scale = 1.0
+        self._init_tokens: torch.Tensor | None = None
+
+    def _candidates(self, obs: Observation, params: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Token ids whose embedding rows carry the most update (all used tokens for untied embeddings)."""
+        name = embedding_name(obs, params)
+        upd = (obs.client_params[name] - obs.global_params[name]).double().norm(dim=-1)  # [V]
+        k = min(upd.numel(), n * obs.task.seq_len)
+        top = torch.topk(upd, k).indices
+        keep = upd[top] > 1e-9 * upd.max().clamp_min(1e-30)
+        return top[keep] if keep.any() else top
+
+    def _init_inputs(self, obs: Observation, n: int, params: dict[str, torch.Tensor], gen: torch.Generator,
+                     dtype: torch.dtype) -> torch.Tensor:
+        if obs.task.kind not in ("text", "lm") or obs.task.seq_len <= 0:
+            raise ValueError("tag attacks text tasks; it needs task.kind 'text' or 'lm' and task.seq_len > 0")
+        self._emb = embedding_name(obs, params)
+        self._cand = self._candidates(obs, params, n)
+        E = params[self._emb].detach()
+        self._scale = float(E.std())  # x is searched in units of the embedding's std, so lr is scale-free
+        if self.init == "positions":
+            tok = self._position_match(obs, n)
+            self._init_tokens = tok
+            if tok is not None:
+                return (E[tok] / self._scale).to(dtype)
+        return self.cfg["init_scale"] * torch.randn(n, obs.task.seq_len, E.shape[1], generator=gen, dtype=dtype)
+
+    def _position_match(self, obs: Observation, n: int) -> torch.Tensor | None:
+        """[project's choice] The update of position-embedding row j is the gradient at the input of
+        position j (summed over the batch); the update of token t's embedding row is the same gradient
+        summed over the positions holding t. So each position takes the candidate whose embedding-row
+        update is most cosine-similar. Exact for one sentence with untied embeddings and no repeated
+        tokens; approximate otherwise (tied GPT-2 output side, batches, repeats)."""
+        pos = [k for k in obs.global_params if k.endswith(("position_embeddings.weight", "wpe.weight"))]
+        if not pos or self._cand is None:
+            return None
+        L = obs.task.seq_len
+        P = (obs.client_params[pos[0]] - obs.global_params[pos[0]]).double()[:L]  # [L, d]
+        T = (obs.client_params[self._emb] - obs.global_params[self._emb]).double()[self._cand]  # [C, d]
+        sim = torch.nn.functional.normalize(P, dim=-1) @ torch.nn.functional.normalize(T, dim=-1).T  # [L, C]
+        self._match_confidence = float(sim.max(-1).values.mean())
+        return self._cand[sim.argmax(-1)].expand(n, L).clone()  # a batch shares the per-position sum
+
+    def attack(self, obs: Observation) -> Reconstruction:
+        """Analytic shortcut: when every position's update matches one token row (cosine > ``exact_match``),
+        the position match is the answer and no optimisation runs (it is also immune to the client's dropout,
+        which makes the gradient-matching distance itself unreliable)."""
+        t0 = time.perf_counter()
+        self._match_confidence = 0.0
+        n = examples_touched(obs)
+        if self.init == "positions" and n == 1:
+            params = {k: v.detach() for k, v in obs.global_params.items()}
+            self._emb = embedding_name(obs, params)
+            self._cand = self._candidates(obs, params, n)
+            tok = self._position_match(obs, n)
+            if tok is not None and self._match_confidence > self.exact_match:
+                y = self._labels(obs, n)
+                return Reconstruction(tokens=tok, labels=y if obs.task.kind != "lm" else None, metrics={
+                    "position_match_confidence": self._match_confidence, "candidate_tokens": float(len(self._cand)),
+                    "iterations": 0.0, "attack_seconds": time.perf_counter() - t0})
+        rec = super().attack(obs)
+        rec.metrics["position_match_confidence"] = self._match_confidence
+        return rec
+
+    def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": x * self._scale, "attention_mask": torch.ones(x.shape[:2], dtype=torch.long)}
+
+    def _excluded(self, obs: Observation, params: dict[str, torch.Tensor]) -> set[str]:
+        return {embedding_name(obs, params)}  # inputs_embeds bypass the embedding lookup
+
+    def _nearest(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self._cand is not None
+        E = params[self._emb].detach()[self._cand]  # [C, d]
+        sim = torch.nn.functional.normalize(x.detach(), dim=-1) @ torch.nn.functional.normalize(E, dim=-1).T
+        return self._cand[sim.argmax(-1)]  # [n, L]
+
+    def _refresh_labels(self, obs: Observation, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._nearest(x, params)  # causal LM: the labels are the (current guess of the) tokens
+
+    def _finish(self, obs: Observation, x: torch.Tensor, labels: torch.Tensor | None, soft: torch.Tensor | None,
+                params: dict[str, torch.Tensor], names: list[str], tgt: dict[str, torch.Tensor], steps: int, lr: float,
+                bs: int, model: nn.Module) -> Reconstruction:
+        tokens = self._nearest(x, params)
+        y = labels if labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
+        before = None
+        starts = [tokens] + ([self._init_tokens] if self._init_tokens is not None else [])
+        if self.refine_sweeps > 0 or len(starts) > 1:
+            tokens, before, after = self._refine(obs, starts, y, params, steps, lr, bs, model)
+        rec = Reconstruction(tokens=tokens, labels=y if obs.task.kind != "lm" else None)
+        rec.metrics["candidate_tokens"] = float(len(self._cand) if self._cand is not None else 0)
+        if before is not None:
+            rec.metrics.update({"refine_distance_before": before, "refine_distance_after": after})
+        return rec
+
+    @torch.no_grad()
+    def _refine(self, obs: Observation, starts: list[torch.Tensor], y: torch.Tensor | None, params: dict[str, torch.Tensor],
+                steps: int, lr: float, bs: int, model: nn.Module) -> tuple[torch.Tensor, float, float]:
+        """Keep the start (continuous result or position match) with the smallest full-update distance,
+        then greedy coordinate search over candidate tokens on that distance."""
+        full_tgt, _, _ = observed_target(obs, params[self._emb].dtype)
+        names = [k for k in full_tgt if k in params]
+
+        def dist(tok: torch.Tensor) -> float:
+            with torch.enable_grad():
+                lab = tok if obs.task.kind == "lm" else y
+                inputs = {"input_ids": tok, "attention_mask": torch.ones_like(tok)}
+                sim = simulate(model, params, names, inputs, lab, obs.task, steps, lr, bs)  # type: ignore[arg-type]
+                return float(gradient_distance({k: v.detach() for k, v in sim.items()}, full_tgt, "l2"))
+
+        assert self._cand is not None
+        deadline = time.perf_counter() + self.cfg["max_seconds"]  # the refinement gets its own budget
+        scored = sorted(((dist(t), i) for i, t in enumerate(starts)))
+        best, tokens = scored[0][0], starts[scored[0][1]]
+        start = best
+        for _ in range(self.refine_sweeps):
+            changed = False
+            for i in range(tokens.shape[0]):
+                for j in range(tokens.shape[1]):
+                    if time.perf_counter() > deadline:
+                        return tokens, start, best
+                    for c in self._cand.tolist():
+                        if c == int(tokens[i, j]):
+                            continue
+                        trial = tokens.clone()
+                        trial[i, j] = c
+                        d = dist(trial)
+                        if d < best:
+                            best, tokens, changed = d, trial, True
+            if not changed:
+                break
+        return tokens, start, best

@@ -1,0 +1,82 @@
+"""Seed 6: attention-weight inversion (spec section 6(d))."""
+
+import torch
+
+from attacks.attention_inversion import attention_map, hessian, invert, loss_and_grad, qk_product, score
+from attacks.base import ATTACKS, Observation
+from models.tasks import TaskSpec
+
+
+def _problem(d=6, n=5, heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(heads, d, d, generator=g, dtype=torch.float64) / d**0.5
+    X = torch.randn(d, n, generator=g, dtype=torch.float64)
+    return W, X, attention_map(X, W)
+
+
+def test_gradient_matches_finite_differences():
+    W, X, B = _problem()
+    B = B.flip(-1)  # non-zero residual so that every gradient term matters
+    Y = X + 0.3 * torch.randn_like(X)
+    _, grad = loss_and_grad(Y, W, B, lam=0.1)
+    eps, fd = 1e-6, torch.zeros_like(Y)
+    for i in range(Y.shape[0]):
+        for j in range(Y.shape[1]):
+            E = torch.zeros_like(Y)
+            E[i, j] = eps
+            fd[i, j] = (loss_and_grad(Y + E, W, B, 0.1)[0] - loss_and_grad(Y - E, W, B, 0.1)[0]) / (2 * eps)
+    assert torch.allclose(grad, fd, rtol=1e-6, atol=1e-9)
+    # autograd agrees too
+    Yr = Y.clone().requires_grad_(True)
+    loss_and_grad(Yr, W, B, 0.1)[0].backward()
+    assert torch.allclose(Yr.grad, grad, atol=1e-10)
+
+
+def test_newton_and_gd_drive_loss_to_roundoff_near_the_solution():
+    W, X, B = _problem()
+    torch.manual_seed(1)
+    X0 = X + 0.05 * torch.randn_like(X)
+    newton = invert(W, B, X0=X0, lam=0.0, method="newton", steps=50, tol=1e-28)
+    assert newton.losses[-1] < 1e-24 and newton.losses[-1] < 1e-8 * newton.losses[0]
+    gd = invert(W, B, X0=X0, lam=0.0, method="gd", steps=300, lr=1.0)
+    assert gd.losses[-1] < 1e-2 * gd.losses[0]
+    assert gd.losses == sorted(gd.losses, reverse=True)  # monotone descent
+    s = score(newton.X, X, W)
+    assert s["attention_error"] < 1e-8 and s["logit_error"] < 1e-5
+
+
+def test_regularised_hessian_is_positive_definite_at_the_solution():
+    # at X* the residual vanishes, so H = J^T J + lam I >= lam I; without lam it is only PSD (often near-singular)
+    W, X, B = _problem()
+    lam = 1e-3
+    assert torch.linalg.eigvalsh(hessian(X, W, B, lam))[0] > lam * (1 - 1e-6)
+    assert torch.linalg.eigvalsh(hessian(X, W, B, 0.0))[0] > -1e-10  # PSD (Gauss-Newton) at X*
+    # far from X* the residual adds negative curvature that a small ridge does not cover (non-convexity)
+    far = hessian(X + torch.randn(X.shape, generator=torch.Generator().manual_seed(4), dtype=X.dtype), W, B, lam)
+    assert torch.linalg.eigvalsh(far)[0] < 0
+
+
+def test_score_is_invariant_to_sign_but_detects_wrong_x():
+    W, X, B = _problem()
+    s = score(-X, X, W)
+    assert s["attention_error"] < 1e-12 and s["x_error_sign"] < 1e-12 and s["x_error_procrustes"] < 1e-10
+    bad = score(torch.randn(X.shape, generator=torch.Generator().manual_seed(3), dtype=X.dtype), X, W)
+    assert bad["attention_error"] > 0.05 and bad["x_error_sign"] > 0.3
+
+
+def test_plugin_recovers_attention_from_shared_maps():
+    torch.manual_seed(0)
+    d, n, H = 8, 6, 4
+    wq, wk = torch.randn(d, d) / d**0.5, torch.randn(d, d) / d**0.5
+    W = qk_product(wq.double(), wk.double(), H)
+    X = torch.randn(d, n, dtype=torch.float64)
+    A = attention_map(X, W)  # [H, n, n]
+    params = {"l.q.weight": wq, "l.k.weight": wk, "l.q.bias": torch.ones(d)}
+    att = ATTACKS.create("attention_inversion", q_weight="l.q.weight", k_weight="l.k.weight", num_heads=H, restarts=4, steps=100)
+    crafted = att.craft(params, 1, 0)
+    assert crafted["l.q.bias"].abs().sum() == 0 and params["l.q.bias"].abs().sum() > 0
+    obs = Observation(1, 0, 0, params, params, {}, TaskSpec(kind="image"), lambda: torch.nn.Identity(),
+                      shared={"attention": A[None]})
+    rec = att.attack(obs)
+    assert rec.artifacts["X"].shape == (1, d, n)
+    assert rec.metrics["attention_error"] < 1e-3

@@ -1,0 +1,155 @@
+"""DLG family on tiny HF models; seed 5 identities (spec section 5(d))."""
+
+import os
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+from attacks.base import ATTACKS, Observation
+from attacks.gradients import attack_model, infer_labels, simulate
+from attacks.harness import attack_and_score, save_artifacts
+from attacks.malicious import reinitialise
+from attacks.softmax_regression import gradient_wrt_A, recover_input
+from models.tasks import TaskSpec, task_loss
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+IMG = TaskSpec(kind="image", num_classes=10, image_shape=(1, 8, 8), mean=(0.5,), std=(0.5,))
+
+
+def vit():
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, num_labels=10))
+
+
+def client_round(factory, batch, task, lr=0.1, steps=1, bs=None):
+    """What an honest client does: `steps` plain SGD steps over its examples, bs per step."""
+    m = factory()
+    g0 = {k: v.detach().clone() for k, v in m.named_parameters()}
+    n = len(batch["labels"])
+    bs = bs or n
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    for k in range(steps):
+        idx = torch.arange(k * bs, (k + 1) * bs) % n
+        opt.zero_grad()
+        task_loss(m, {key: v[idx] for key, v in batch.items()}, task)[0].backward()
+        opt.step()
+    c = {k: v.detach().clone() for k, v in m.named_parameters()}
+    md = {"lr": lr, "local_steps": steps, "batch_size": bs, "num_examples": n, "optimizer": "sgd"}
+    return Observation(1, 0, 0, g0, c, md, task, factory)
+
+
+def digits(n, start=0):
+    d = load_digits()
+    x = torch.tensor(d.images[start:start + n] / 16.0, dtype=torch.float32).unsqueeze(1)
+    return {"pixel_values": (x - 0.5) / 0.5, "labels": torch.tensor(d.target[start:start + n])}
+
+
+def test_softmax_regression_exact_recovery_from_noiseless_gradient():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(4, generator=g, dtype=torch.float64)
+    b = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    x_hat, match = recover_input(A, gradient_wrt_A(A, x, b), b)
+    assert match < 1e-12
+    assert (x_hat - x).norm() / x.norm() < 1e-6
+
+
+def test_softmax_regression_error_grows_with_noise():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(4, generator=g, dtype=torch.float64)
+    b = torch.softmax(torch.randn(5, generator=g, dtype=torch.float64), 0)
+    grad = gradient_wrt_A(A, x, b)
+    errs = []
+    for sigma in (0.0, 1e-3, 1e-2, 1e-1):
+        e = []
+        for s in range(4):
+            noise = sigma * torch.randn(grad.shape, generator=torch.Generator().manual_seed(10 + s), dtype=grad.dtype)
+            x_hat, _ = recover_input(A, grad + noise, b, x0=x)  # start at the truth: error is the noise's doing
+            e.append(float((x_hat - x).norm() / x.norm()))
+        errs.append(sum(e) / len(e))
+    assert errs[0] < 1e-8
+    assert errs == sorted(errs) and errs[-1] > 10 * errs[1]
+
+
+def test_unrolled_simulation_reproduces_the_client_update():
+    batch = digits(4)
+    obs = client_round(vit, batch, IMG, lr=0.05, steps=3, bs=2)
+    model = attack_model(vit, torch.float64)
+    params = {k: v.double().requires_grad_(True) for k, v in obs.global_params.items()}
+    sim = simulate(model, params, list(params), {"pixel_values": batch["pixel_values"].double()}, batch["labels"], IMG, 3, 0.05, 2)
+    upd = obs.update()
+    err = max(float((sim[k].detach() - upd[k].double()).abs().max()) for k in upd)
+    assert err < 1e-5
+    assert max(float(v.abs().max()) for v in upd.values()) > 1e-3  # the update is not trivially zero
+
+
+def test_idlg_label_inference():
+    obs = client_round(vit, digits(1, start=5), IMG)
+    assert infer_labels(obs, 1).tolist() == [5]
+    obs3 = client_round(vit, digits(3, start=1), IMG)
+    assert sorted(infer_labels(obs3, 3).tolist()) == [1, 2, 3]
+
+
+def test_dlg_recovers_a_digit_on_tiny_vit(tmp_path):
+    batch = digits(1)
+    obs = client_round(vit, batch, IMG)
+    rec, scores = attack_and_score(ATTACKS.create("idlg", iterations=200), obs, batch)
+    assert scores["psnr"] > 25 and scores["ssim"] > 0.9 and scores["label_accuracy"] == 1.0
+    paths = save_artifacts(rec, batch, IMG, tmp_path)
+    assert paths[0].suffix == ".png" and paths[0].stat().st_size > 1000
+
+
+def test_attack_needs_client_metadata():
+    obs = client_round(vit, digits(1), IMG)
+    obs.metadata.pop("lr")
+    with pytest.raises(ValueError, match="learning rate"):
+        ATTACKS.create("dlg", iterations=1).attack(obs)
+    with pytest.raises(Exception, match="unexpected parameters"):
+        ATTACKS.create("dlg", iterationz=1)
+
+
+def _text_case(kind, V=64, L=10):
+    def factory():
+        torch.manual_seed(0)
+        if kind == "text":
+            return BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                            intermediate_size=64, max_position_embeddings=32, num_labels=2))
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32, eos_token_id=0, bos_token_id=0))
+    task = TaskSpec(kind=kind, num_classes=2 if kind == "text" else 0, seq_len=L, vocab_size=V)
+    ids = torch.randperm(V - 1, generator=torch.Generator().manual_seed(2))[:L].view(1, L) + 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1]) if kind == "text" else ids.clone()}
+    return factory, task, batch
+
+
+def test_tag_recovers_a_sentence_on_tiny_bert(tmp_path):
+    factory, task, batch = _text_case("text")
+    obs = client_round(factory, batch, task)
+    rec, scores = attack_and_score(ATTACKS.create("tag", iterations=20), obs, batch)
+    assert scores["token_accuracy"] == 1.0 and scores["rouge2"] == 1.0 and scores["label_accuracy"] == 1.0
+    p = save_artifacts(rec, batch, task, tmp_path, decode=lambda ids: "-".join(map(str, ids)))[0]
+    assert "original" in p.read_text() and "recovered" in p.read_text()
+
+
+def test_tag_recovers_a_sentence_on_tiny_gpt2():
+    factory, task, batch = _text_case("lm")
+    obs = client_round(factory, batch, task)
+    scores = attack_and_score(ATTACKS.create("tag", iterations=100), obs, batch)[1]
+    assert scores["token_accuracy"] >= 0.9
+
+
+def test_malicious_reinit_crafts_a_fresh_model():
+    obs = client_round(vit, digits(1), IMG)
+    att = ATTACKS.create("malicious_reinit", base="idlg", iterations=5)
+    crafted = att.craft(obs.global_params, 2, 3)
+    assert crafted.keys() == obs.global_params.keys()
+    assert all(crafted[k].shape == v.shape for k, v in obs.global_params.items())
+    assert not torch.equal(crafted["classifier.weight"], obs.global_params["classifier.weight"])
+    assert torch.equal(att.craft(obs.global_params, 2, 3)["classifier.weight"], crafted["classifier.weight"])  # seeded
+    assert float(crafted["classifier.bias"].abs().sum()) == 0
+    assert float(reinitialise({"vit.layernorm.weight": torch.zeros(4)}, 0)["vit.layernorm.weight"].sum()) == 4
