@@ -1,0 +1,33 @@
+"""Smoke runs of the attention experiment scripts (tiny arguments, no tracking)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import ntk_prefix_error, sketch_error, sparse_error
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads ~40x slower here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ntk_prefix_error_runs():
+    res = ntk_prefix_error.main(["--m", "4", "--steps", "20", "--n-val", "16", "--no-track"])
+    assert set(res) == {4} and res[4]["mse"] > 0
+
+
+def test_sparse_error_runs():
+    res = sparse_error.main(["--log2n", "8", "--beta", "1.5", "--no-track"])
+    assert res[(1.5, 256)]["k_nC"] == 16
+
+
+def test_sketch_error_runs_and_memory_flat():
+    res = sketch_error.main(["--log2n", "6", "8", "--degree", "2", "--no-track"])
+    assert res[(64, 2)]["sketch_bytes"] == res[(256, 2)]["sketch_bytes"]
+    assert res[(256, 2)]["kv_cache_bytes"] == 4 * res[(64, 2)]["kv_cache_bytes"]
