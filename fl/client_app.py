@@ -7,6 +7,7 @@ client needs nothing but its ``partition-id`` (node config) to take part.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,9 @@ from fl.config import config_from_dict
 from fl.training import derive_seed, train_client
 
 app = ClientApp()
+
+# Opacus' hooks warn on every step when inputs need no gradient (the usual case): noise, not news.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 CONFIG_KEY = "fedprobe-config"
 STATE_KEY = "fedprobe-client-state"

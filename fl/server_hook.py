@@ -129,8 +129,12 @@ class ServerHook:
                 attacked_this_round += 1
                 sent_msg = sent_by_node.get(node)
                 sent_state = from_record(sent_msg.content["arrays"]) if sent_msg is not None else sent
-                report.attack_rows.append(self._attack_one(server_round, node, pid, sent_state, received,
-                                                           dict(content["meta"]), oracle))
+                try:
+                    report.attack_rows.append(self._attack_one(server_round, node, pid, sent_state, received,
+                                                               dict(content["meta"]), oracle))
+                except Exception as exc:  # an attack's failure must not stop the federation
+                    report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} "
+                                         f"failed: {type(exc).__name__}: {exc}")
         report.metrics.update({
             "clients_sampled": float(len(messages)), "clients_replied": float(len(report.accepted)),
             "clients_failed": float(failed), "clients_rejected": float(rejected),

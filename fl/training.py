@@ -19,7 +19,7 @@ from fl.arrays import load_trainable, trainable_state
 from fl.config import Config
 from models.tasks import TaskSpec, logits_of, per_example_loss
 
-ORACLE_MAX_EXAMPLES = 64
+ORACLE_MAX_EXAMPLES = 256
 
 
 def resolve_device(name: str) -> torch.device:
