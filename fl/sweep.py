@@ -89,7 +89,8 @@ def load_sweep(path: str | Path) -> Sweep:
     points: list[Point] = []
     for combo in itertools.product(*grid.values()) if grid else [()]:
         for extra in listed:
-            overrides = {**dict(zip(grid.keys(), combo)), **extra}
+            gridded = {k: v for k, v in zip(grid.keys(), combo) if not any(k.startswith(e + ".") for e in extra)}
+            overrides = {**gridded, **extra}  # a listed key replaces the grid keys under it ("defenses" = [])
             data = copy.deepcopy(base_data)
             for key, value in overrides.items():
                 set_dotted(data, key, value)
@@ -97,6 +98,8 @@ def load_sweep(path: str | Path) -> Sweep:
                 cfg = config_from_dict(data)
             except ConfigError as exc:
                 raise ConfigError(f"sweep point {overrides}: {exc}") from None
+            if any(p.digest == cfg.digest() for p in points):  # e.g. a "no defense" point crossed with noise levels
+                continue
             points.append(Point(len(points), overrides, cfg))
     keys = list(grid) + [k for p in listed for k in p if k not in grid]
     swept = list(dict.fromkeys(keys))
