@@ -93,14 +93,14 @@ def cmd_list() -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fl.config import ConfigError, load_config
-    from fl.plugins import check_names
+    from fl.plugins import preflight
     from fl.registry import RegistryError
     from fl.server_app import RunOptions
     from fl.tracking import TrackingError, check_reachable, resolve_uri
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_names(cfg)
+        preflight(cfg)
         uri = resolve_uri(args.tracking_uri or cfg.tracking.uri)
         check_reachable(uri)
     except (ConfigError, RegistryError, TrackingError) as exc:

@@ -37,3 +37,16 @@ def check_names(cfg: Config) -> None:
             regs[kind].get(name)
         except RegistryError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+
+
+def preflight(cfg: Config) -> None:
+    """Load the data and build the model once, so a bad path or model option fails before Ray starts."""
+    from fl.data import load_federated
+    from models import build_model
+
+    check_names(cfg)
+    try:
+        data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
+        build_model(cfg.model, data.task, seed=cfg.experiment.seed)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
