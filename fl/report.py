@@ -175,7 +175,7 @@ def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") 
         raise ReportError(f"parent run {parent.info.run_id} has no child runs to report")
     out = Path(out_dir or Path("fedprobe-output") / "reports" / name)
     out.mkdir(parents=True, exist_ok=True)
-    metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "central_epsilon",
+    metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "central_epsilon", "cp_tau",
                                *ATTACK_SUCCESS) if any(c in r for r in rows)]
     columns = ["name", "status", *swept, *metric_cols, "run_id"]
     png = plot(rows, f"{name}: privacy vs utility")

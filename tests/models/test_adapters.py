@@ -19,13 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 L, H, D = 1, 2, 8  # layers, heads, head dim of the tiny models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads ~40x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 HEAD = {vit: 16 * 3 + 3, bert: 16 * 3 + 3, gpt2: 16 * 30}  # classifier / untied lm_head
 
 

@@ -8,13 +8,6 @@ import torch
 from experiments import ntk_prefix_error, sketch_error, sparse_error
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads ~40x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_ntk_prefix_error_runs():

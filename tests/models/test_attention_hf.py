@@ -23,13 +23,6 @@ warnings.filterwarnings("ignore", message=".*token_id.*")
 KERNELS = [("standard", {}), ("ntk", {"init_std": 0.3}), ("sparse_topk", {"top_k": 3}), ("sketch", {"degree": 2})]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads ~40x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def vit(layers=1):

@@ -18,13 +18,6 @@ from models.attention.lse import _FUSED_OP
 BACKENDS = ["chunked"] + (["fused"] if _FUSED_OP is not None else [])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP spin-waits make 2 threads ~40x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rnd(*shape, dtype=torch.float64, seed=None, scale=1.0):
