@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from fl.config import Config, load_config  # noqa: E402
 from fl.server_app import RunOptions, run_federation  # noqa: E402
-from fl.simulation import backend_config  # noqa: E402
+from fl.simulation import backend_config, run_apps  # noqa: E402
 from fl.training import evaluate  # noqa: E402
 from models.tasks import logits_of, per_example_loss  # noqa: E402
 
@@ -67,13 +67,7 @@ def _bare_client_app(cfg: Config) -> ClientApp:
 
 
 def _simulate(cfg: Config, server_app: ServerApp, client_app: ClientApp) -> None:
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.telemetry import EventType
-
-    _run_simulation(num_supernodes=cfg.federation.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app, server_app=server_app, backend_name="ray",
-                    backend_config=backend_config(cfg),
-                    server_app_context=Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg))
 
 
 def run_bare(cfg: Config) -> float:

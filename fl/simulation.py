@@ -40,12 +40,22 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
-def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` as a Flower simulation; return the summary (see ``run_federation``)."""
+def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[str, Any], verbose: bool = False) -> None:
+    """Run a ServerApp (in a thread of this process) against ``num_clients`` simulated ClientApps on Ray."""
     from flwr.app import Context, RecordDict
-    from flwr.serverapp import Grid, ServerApp
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
+
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    client_app=client_app, server_app=server_app, backend_name="ray", backend_config=backend,
+                    server_app_context=context, verbose_logging=verbose)
+
+
+def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` as a Flower simulation; return the summary (see ``run_federation``)."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
 
     from fl.client_app import app as client_app
 
@@ -67,17 +77,7 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="mlflow.*")
         warnings.filterwarnings("ignore", message=".*noload.*")
-    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    _run_simulation(
-        num_supernodes=cfg.federation.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=backend_config(cfg),
-        server_app_context=context,
-        verbose_logging=verbose,
-    )
+    run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
     if "error" in holder:
         exc = holder["error"]
         raise SimulationError(f"{type(exc).__name__}: {exc}") from exc
