@@ -46,6 +46,13 @@ def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[s
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
+    if not verbose:  # Flower's per-round INFO lines and MLflow's table-migration notes drown the progress bar
+        import warnings
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="mlflow.*")
+        warnings.filterwarnings("ignore", message=".*noload.*")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, backend_name="ray", backend_config=backend,
@@ -70,13 +77,6 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
         except BaseException as exc:  # reported by the caller, not as a thread traceback
             holder["error"] = exc
 
-    if not verbose:
-        import warnings
-
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="mlflow.*")
-        warnings.filterwarnings("ignore", message=".*noload.*")
     run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
     if "error" in holder:
         exc = holder["error"]
