@@ -55,7 +55,9 @@ def collect_points(client: Any, parent: Any) -> tuple[list[str], list[dict[str, 
         metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items() if k.startswith("final_")}
         if not metrics:  # a run that never finished a round
             metrics = dict(run.data.metrics)
-        row = {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status}
+        name = run.info.run_name or ""
+        row = {"run_id": run.info.run_id, "name": name.split(" ", 1)[0] if name[:3].isdigit() else name,
+               "status": run.info.status}
         row.update({k: run.data.params.get(k, "") for k in swept})
         row.update({k: run.data.tags.get(k, "") for k in TAG_COLUMNS})
         row.update(metrics)
@@ -69,55 +71,58 @@ def _series_key(row: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """Three panels: utility vs epsilon, attack success vs epsilon, utility vs attack success (PNG bytes)."""
+    """Per attack score present (PSNR, token accuracy, ...), one row of three panels: utility vs epsilon,
+    attack success vs epsilon, utility vs attack success. Series are (model, dataset, attack). PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     utility = next((u for u in UTILITY if any(u in r for r in rows)), None)
-    attack = next((a for a in ATTACK_SUCCESS if any(a in r for r in rows)), None)
+    attacks = [a for a in ATTACK_SUCCESS if any(a in r for r in rows)] or [None]
     finite = [r["epsilon"] for r in rows if "epsilon" in r and math.isfinite(r["epsilon"])]
     eps_inf = (max(finite) * 3 if finite else 10.0)  # where "no formal guarantee" points are drawn
 
-    def eps(r: dict[str, Any]) -> float:
-        e = r.get("epsilon", math.inf)
-        return e if math.isfinite(e) else eps_inf
+    def value(r: dict[str, Any], key: str | None) -> float:
+        if key == "epsilon":
+            e = r.get("epsilon", math.inf)
+            return e if math.isfinite(e) else eps_inf
+        return float(r.get(key, math.nan)) if key else math.nan
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    panels = [("epsilon", utility, axes[0]), ("epsilon", attack, axes[1]), (attack, utility, axes[2])]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == "FINISHED":
             groups.setdefault(_series_key(r), []).append(r)
-    for x_key, y_key, ax in panels:
-        if x_key is None or y_key is None:
-            ax.text(0.5, 0.5, f"no {'attack score' if None in (x_key, y_key) else 'data'} in these runs",
-                    ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
-            continue
-        for label, members in groups.items():
-            pts = [(eps(r) if x_key == "epsilon" else r.get(x_key, math.nan), r.get(y_key, math.nan)) for r in members]
-            pts = sorted(p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1])))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        if x_key == "epsilon":
-            ax.set_xscale("log")
-            ax.axvline(eps_inf, color="grey", lw=0.8, ls=":")
-            ax.annotate("no DP (ε = ∞)", (eps_inf, ax.get_ylim()[0]), rotation=90, va="bottom", ha="right",
-                        fontsize=8, color="grey")
-            ax.set_xlabel("ε (client-level, max over clients; lower is more private)")
-        else:
-            ax.set_xlabel(f"{x_key} (attack success; lower is more private)")
-        ax.set_ylabel(y_key)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[1].get_legend_handles_labels()
+    colors = {label: f"C{i}" for i, label in enumerate(groups)}
+    fig, axes = plt.subplots(len(attacks), 3, figsize=(16, 4.4 * len(attacks)), squeeze=False)
+    for row_axes, attack in zip(axes, attacks):
+        members_with = {k: [r for r in v if attack is None or attack in r] for k, v in groups.items()}
+        panels = [("epsilon", utility), ("epsilon", attack), (attack, utility)]
+        for (x_key, y_key), ax in zip(panels, row_axes):
+            if x_key is None or y_key is None:
+                ax.text(0.5, 0.5, "no attack score in these runs", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            for label, members in members_with.items():
+                pts = sorted((value(r, x_key), value(r, y_key)) for r in members)
+                pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colors[label])
+            if x_key == "epsilon":
+                ax.set_xscale("log")
+                ax.axvline(eps_inf, color="grey", lw=0.8, ls=":")
+                ax.annotate("no DP (ε = ∞)", (eps_inf, 0.02), xycoords=("data", "axes fraction"), rotation=90,
+                            va="bottom", ha="right", fontsize=8, color="grey")
+                ax.set_xlabel("ε (client-level, max over clients; lower is more private)")
+            else:
+                ax.set_xlabel(f"{x_key} (attack success; lower is more private)")
+            ax.set_ylabel(y_key)
+            ax.grid(alpha=0.3)
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 / len(attacks), 1, 0.96))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -152,7 +157,7 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 <h2>Privacy-utility curves</h2>
 <img alt="privacy-utility curves" src="data:image/png;base64,{img}">
 <h2>Points</h2>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<div style="overflow-x: auto"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>
 </body></html>
 """
 
