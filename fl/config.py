@@ -95,6 +95,8 @@ class AttackConfig(_Section):
     max_victims_per_round: int = Field(0, ge=0, description="cap on attacked clients per round; 0 means no cap")
     labels_known: bool = Field(False, description="threat model grants the victims' labels to the attack")
     device: str = Field("cpu", description="device the server-side attack runs on")
+    gpu_share: float = Field(0.0, ge=0, description="GPU share withheld from Ray's clients for the attack (the "
+                                                    "ServerApp runs outside Ray, so Ray cannot reserve it itself)")
 
 
 class DefenseConfig(_Section):

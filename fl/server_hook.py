@@ -163,7 +163,7 @@ class ServerHook:
         labels = oracle.get("labels") if (oracle and self.cfg.attack.labels_known) else None
         obs = Observation(server_round=server_round, node_id=node, partition_id=pid, global_params=sent,
                           client_params=received, metadata=meta, task=self.task, model_factory=self.model_factory,
-                          labels=labels)
+                          labels=labels, device=self.cfg.attack.device)
         t0 = time.perf_counter()
         recon = self.attack.attack(obs)
         row: dict[str, Any] = {"round": server_round, "client": pid, "attack_seconds": time.perf_counter() - t0}

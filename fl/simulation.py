@@ -36,7 +36,8 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     elif fed.client_gpus > 0:
         import torch
 
-        init_args["num_gpus"] = torch.cuda.device_count()
+        # the ServerApp (and its attack) is not a Ray task: withhold its GPU share from the clients' pool
+        init_args["num_gpus"] = max(0.0, torch.cuda.device_count() - cfg.attack.gpu_share)
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
