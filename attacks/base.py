@@ -8,7 +8,7 @@ against the simulation's knowledge of the client's batch afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -29,6 +29,7 @@ class Observation:
     reported: ``num_examples``, ``local_steps``, ``lr``, ``batch_size``,
     ``optimizer``. ``labels`` is set only when the threat model grants them.
     ``model_factory()`` builds the (architecture-only) model the server trains.
+    ``device`` is where the attack should compute (see :func:`resolve_device`).
     """
 
     server_round: int
@@ -41,6 +42,15 @@ class Observation:
     model_factory: Callable[[], nn.Module]
     labels: torch.Tensor | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors a client mode shares (attention maps)
+    device: str = "cpu"  # where the server runs the attack (config attack.device: "cpu", "cuda", "cuda:1")
+
+    def to(self, device: str | torch.device) -> "Observation":
+        """A copy whose tensors live on ``device`` (parameters, labels and shared tensors)."""
+        dev = torch.device(device)
+        move = lambda d: {k: v.to(dev) for k, v in d.items()}  # noqa: E731
+        return replace(self, global_params=move(self.global_params), client_params=move(self.client_params),
+                       labels=None if self.labels is None else self.labels.to(dev), shared=move(self.shared),
+                       device=str(dev))
 
     def update(self) -> dict[str, torch.Tensor]:
         """client - global, per parameter."""
@@ -50,6 +60,19 @@ class Observation:
         """(global - client) / (lr * local_steps): the gradient for FedSGD, its average for FedAvg."""
         scale = float(self.metadata.get("lr", 1.0)) * max(int(self.metadata.get("local_steps", 1)), 1)
         return {k: (self.global_params[k] - self.client_params[k]) / scale for k in self.client_params}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device, with a one-line error when it is unusable here."""
+    try:
+        dev = torch.device(name or "cpu")
+    except RuntimeError:
+        raise ValueError(f"attack.device {name!r} is not a torch device; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"attack.device is {name!r} but this torch has no usable CUDA device; set attack.device = 'cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"attack.device {name!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
 
 
 @dataclass

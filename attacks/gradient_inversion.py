@@ -8,13 +8,17 @@ matches the observed one; they differ in objective, optimiser, label handling an
   as soft labels.
 * ``idlg`` (Zhao et al. 2020): DLG with labels read off the output-bias gradient.
 * ``inverting_gradients`` (Geiping et al. 2020): 1 - cosine + TV, Adam on signed
-  gradients, step decay, pixels boxed to the valid range; iDLG labels.
+  gradients, step decay, pixels boxed to the valid range, random restarts; iDLG labels.
 * ``tag`` (Deng et al. 2021): text; L2 + 0.1 L1 in the continuous ``inputs_embeds``
   space, tokens by nearest embedding among the tokens whose embedding rows received
   gradient (breaching's ``from-limited-embedding``). [project's choice] A greedy
   discrete refinement (one sweep: for every position try every candidate token, keep
   the one with the smallest gradient distance on the *full* update, embedding
   included), in the spirit of LAMP's discrete steps; ``refine_sweeps=0`` gives plain TAG.
+
+All run on ``obs.device`` (the config's ``attack.device``) and return CPU tensors;
+``restarts`` > 1 splits the time budget over fresh random starts and keeps the start
+with the smallest gradient distance.
 
 Labels: the threat model grants them only via ``obs.labels``; ``label_strategy`` is
 ``auto`` (given > iDLG > joint), ``given_or_joint`` (DLG's default), ``given``, ``idlg``
@@ -30,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from attacks.base import ATTACKS, Attack, Observation, Reconstruction
+from attacks.base import ATTACKS, Attack, Observation, Reconstruction, resolve_device
 from attacks.gradients import (
     attack_model,
     embedding_name,
@@ -53,7 +57,7 @@ class GradientInversion(Attack):
     def __init__(self, **params: Any) -> None:
         cfg: dict[str, Any] = dict(
             optimizer="lbfgs", iterations=300, lr=1.0, tv=0.0, label_strategy="auto", max_seconds=60.0,
-            dtype="float64", seed=0, boxed=False, signed=False, init_scale=1.0, tag_scale=0.1,
+            dtype="float64", seed=0, boxed=False, signed=False, init_scale=1.0, tag_scale=0.1, restarts=1,
         )
         cfg.update(self.defaults)
         unknown = sorted(set(params) - set(cfg))
@@ -100,8 +104,8 @@ class GradientInversion(Attack):
     def _box(self, obs: Observation, x: torch.Tensor) -> None:
         if not self.cfg["boxed"] or not obs.task.mean:
             return
-        mean = torch.tensor(obs.task.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(obs.task.std, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(obs.task.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(obs.task.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         x.data = torch.max(torch.min(x.data, (1 - mean) / std), -mean / std)
 
     def _prior(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,28 +122,73 @@ class GradientInversion(Attack):
 
     # ---- the attack ----------------------------------------------------------------
     def attack(self, obs: Observation) -> Reconstruction:
+        """Run ``restarts`` searches from fresh random starts (budget split evenly) on ``obs.device``;
+        keep the one with the smallest gradient distance (Geiping et al.'s ``scoring_choice='loss'``)."""
         cfg, t0 = self.cfg, time.perf_counter()
+        dev = resolve_device(obs.device)
+        obs = obs.to(dev)
         dtype = _DTYPES[cfg["dtype"]]
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
-        model = attack_model(obs.model_factory, dtype)
+        model = attack_model(obs.model_factory, dtype).to(dev)
         tgt, steps, lr = observed_target(obs, dtype)
         n, bs = examples_touched(obs), int(obs.metadata["batch_size"])
         params = {k: v.detach().to(dtype).clone().requires_grad_(k in tgt) for k, v in obs.global_params.items()}
         names = [k for k in tgt if k in params and k not in self._excluded(obs, params)]
         tgt = {k: tgt[k] for k in names}
         labels = self._labels(obs, n)
-        x = self._init_inputs(obs, n, params, gen, dtype).requires_grad_(True)
-        free = [x]
-        soft = None
-        if labels is None and obs.task.kind != "lm":
-            soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).requires_grad_(True)
-            free.append(soft)
+        restarts = max(int(cfg["restarts"]), 1)
+        best: tuple[float, torch.Tensor, torch.Tensor | None, list[float], int] | None = None
+        for r in range(restarts):
+            budget = (cfg["max_seconds"] - (time.perf_counter() - t0)) / (restarts - r)
+            if r > 0 and budget <= 0:
+                break
+            x = self._init_inputs(obs, n, params, gen, dtype).to(dev).requires_grad_(True)
+            soft = None
+            if labels is None and obs.task.kind != "lm":
+                soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).to(dev).requires_grad_(True)
+            history, it = self._search(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs, budget)
+            final = self._distance(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs)
+            if best is None or final < best[0] or not math.isfinite(best[0]):
+                best = (final, x.detach(), None if soft is None else soft.detach(), history, it)
+        assert best is not None
+        final, x, soft, history, it = best
+        rec = self._finish(obs, x, labels, soft, params, names, tgt, steps, lr, bs, model)
+        for field_ in ("inputs", "tokens", "labels"):
+            v = getattr(rec, field_)
+            if v is not None:
+                setattr(rec, field_, v.detach().cpu())
+        rec.metrics.update({
+            "grad_distance": final,
+            "iterations": float(it),
+            "restarts": float(r + 1),
+            "attack_seconds": time.perf_counter() - t0,
+        })
+        rec.artifacts["loss_history"] = history
+        return rec
+
+    def _objective(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
+                   tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, x: torch.Tensor, soft: torch.Tensor | None,
+                   steps: int, lr: float, bs: int) -> torch.Tensor:
+        """Gradient distance without the image prior."""
+        y = labels if labels is not None else (soft if soft is not None else self._refresh_labels(obs, x, params))
+        assert y is not None
+        sim = simulate(model, params, names, self._model_inputs(x), y, obs.task, steps, lr, bs)
+        return gradient_distance(sim, tgt, self.objective, self.cfg["tag_scale"])
+
+    def _distance(self, *args: Any) -> float:
+        with torch.enable_grad():  # simulate differentiates the loss w.r.t. the parameters
+            d = float(self._objective(*args).detach())
+        return d if math.isfinite(d) else float("inf")
+
+    def _search(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
+                tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, x: torch.Tensor, soft: torch.Tensor | None,
+                steps: int, lr: float, bs: int, budget: float) -> tuple[list[float], int]:
+        """One optimisation from the start ``x`` (and ``soft``), in place; returns (loss history, iterations)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        free = [x] + ([soft] if soft is not None else [])
 
         def objective() -> torch.Tensor:
-            y = labels if labels is not None else (soft if soft is not None else self._refresh_labels(obs, x, params))
-            assert y is not None
-            sim = simulate(model, params, names, self._model_inputs(x), y, obs.task, steps, lr, bs)
-            return gradient_distance(sim, tgt, self.objective, cfg["tag_scale"]) + self._prior(x)
+            return self._objective(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs) + self._prior(x)
 
         history: list[float] = []
         it = 0
@@ -153,39 +202,38 @@ class GradientInversion(Attack):
                 loss.backward()
                 return loss
 
-            while it < cfg["iterations"] and time.perf_counter() - t0 < cfg["max_seconds"]:
+            while it < cfg["iterations"] and time.perf_counter() - t0 < budget:
                 loss = opt.step(closure)
                 it += 20
                 history.append(float(loss.detach()))
                 if not math.isfinite(history[-1]) or history[-1] < 1e-28:
                     break
                 self._box(obs, x)
-        else:
-            opt = torch.optim.Adam(free, lr=cfg["lr"])
-            T = int(cfg["iterations"])
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3 * T // 8, 5 * T // 8, 7 * T // 8], gamma=0.1)
-            while it < T and time.perf_counter() - t0 < cfg["max_seconds"]:
-                opt.zero_grad()
-                loss = objective()
-                loss.backward()
-                if cfg["signed"]:
-                    for p in free:
-                        p.grad.sign_()
-                opt.step()
-                sched.step()
-                self._box(obs, x)
-                it += 1
-                history.append(float(loss.detach()))
-                if not math.isfinite(history[-1]):
-                    break
-        rec = self._finish(obs, x.detach(), labels, soft, params, names, tgt, steps, lr, bs, model)
-        rec.metrics.update({
-            "grad_distance": history[-1] if history else float("nan"),
-            "iterations": float(it),
-            "attack_seconds": time.perf_counter() - t0,
-        })
-        rec.artifacts["loss_history"] = history
-        return rec
+            return history, it
+        opt = torch.optim.Adam(free, lr=cfg["lr"])
+        T = int(cfg["iterations"])
+        # Geiping et al.: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations (of the time budget when it binds first)
+        marks = (3 / 8, 5 / 8, 7 / 8)
+        while it < T:
+            elapsed = time.perf_counter() - t0
+            if elapsed >= budget:
+                break
+            progress = max(it / T, elapsed / budget)
+            for g in opt.param_groups:
+                g["lr"] = cfg["lr"] * 0.1 ** sum(progress >= m for m in marks)
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            if cfg["signed"]:
+                for p in free:
+                    p.grad.sign_()
+            opt.step()
+            self._box(obs, x)
+            it += 1
+            history.append(float(loss.detach()))
+            if not math.isfinite(history[-1]):
+                break
+        return history, it
 
     def _finish(self, obs: Observation, x: torch.Tensor, labels: torch.Tensor | None, soft: torch.Tensor | None,
                 params: dict[str, torch.Tensor], names: list[str], tgt: dict[str, torch.Tensor], steps: int, lr: float,
@@ -214,11 +262,22 @@ class IDLG(GradientInversion):
 
 @ATTACKS.register("inverting_gradients")
 class InvertingGradients(GradientInversion):
-    """Inverting Gradients: 1 - cosine + total variation, signed Adam, boxed pixels, iDLG labels."""
+    """Inverting Gradients: 1 - cosine + total variation, signed Adam, boxed pixels, iDLG labels.
+
+    Follows Geiping et al. 2020: cost 1 - cos(grad', grad) over all parameters, TV prior,
+    Adam on the sign of the gradient, lr 0.1 decayed 10x at 3/8, 5/8, 7/8 of the run,
+    pixels clamped to the valid range in the task's normalised space, several random
+    restarts keeping the smallest gradient distance. [project's choice] TV weight 1e-4
+    (1e-2 blurred 8x8 digits: 31 dB vs 69 dB at B=1), 2 restarts x 1000 iterations
+    instead of 24 000 (a CPU budget), the decay follows elapsed time when ``max_seconds``
+    binds before ``iterations``. Known weakness (measured): on a ViT whose position
+    embeddings are tiny (HF init 0.02, 16 patches) the cosine search converges to the
+    digit with its patches permuted (cosine ~1, PSNR ~9 dB); L-BFGS DLG in float64 does not.
+    """
 
     objective = "cosine"
-    defaults = {"optimizer": "adam", "lr": 0.1, "iterations": 2000, "tv": 1e-2, "boxed": True, "signed": True,
-                "dtype": "float32"}
+    defaults = {"optimizer": "adam", "lr": 0.1, "iterations": 1000, "tv": 1e-4, "boxed": True, "signed": True,
+                "dtype": "float32", "restarts": 2}
 
 
 @ATTACKS.register("tag")
@@ -303,7 +362,7 @@ class TAG(GradientInversion):
         return rec
 
     def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": x * self._scale, "attention_mask": torch.ones(x.shape[:2], dtype=torch.long)}
+        return {"inputs_embeds": x * self._scale, "attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
 
     def _excluded(self, obs: Observation, params: dict[str, torch.Tensor]) -> set[str]:
         return {embedding_name(obs, params)}  # inputs_embeds bypass the embedding lookup

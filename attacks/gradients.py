@@ -84,7 +84,7 @@ def simulate(model: nn.Module, params: dict[str, torch.Tensor], names: list[str]
         return dict(zip(names, grads))
     cur = dict(params)
     for k in range(steps):
-        idx = torch.arange(k * batch_size, (k + 1) * batch_size) % n
+        idx = torch.arange(k * batch_size, (k + 1) * batch_size, device=labels.device) % n
         sub = {key: v[idx] for key, v in inputs.items()}
         loss = batch_loss(model, cur, sub, labels[idx], task)
         grads = torch.autograd.grad(loss, [cur[key] for key in names], create_graph=True)
@@ -135,7 +135,7 @@ def infer_labels(obs: Observation, n: int, probs: torch.Tensor | None = None) ->
         counts[torch.argmax(est - counts)] += 1
     while int(counts.sum()) > n:
         counts[torch.argmax(counts)] -= 1
-    return torch.repeat_interleave(torch.arange(g.numel()), counts)
+    return torch.repeat_interleave(torch.arange(g.numel(), device=g.device), counts)
 
 
 def embedding_name(obs: Observation, params: dict[str, Any]) -> str:

@@ -12,6 +12,10 @@ zero biases, unit LayerNorm scales, so no model code is needed at craft time.
 
 The server must put the crafted parameters into ``Observation.global_params`` for that
 victim (they are what the victim started from).
+
+Measured (benchmarks/RESULTS.md): on the tiny ViT this did NOT raise leakage over the
+honest attack on a trained model; the malicious variant that does is ``imprint``
+(attacks/imprint.py).
 """
 
 from __future__ import annotations
