@@ -58,6 +58,10 @@ def run_attack(attack: Attack, obs: Observation, ground_truth: dict[str, torch.T
     return attack_and_score(attack, obs, ground_truth)[1]
 
 
+GRID_COLUMNS = 16  # images per row of the PNG grid
+MAX_GRID_IMAGES = 64  # a larger batch is shown by its first 64 (matched) images
+
+
 def save_artifacts(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec, out_dir: str | Path,
                    decode: Callable[[list[int]], str] | None = None, stem: str = "attack") -> list[Path]:
     """Write ``{stem}_images.png`` (originals above reconstructions, matched order) and/or
@@ -77,17 +81,25 @@ def save_artifacts(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | 
         if orig is not None and orig.shape == recon.shape:
             recon = recon[match_images(recon, orig)]
         rows = [r for r in (orig, recon) if r is not None]
-        n = recon.shape[0]
-        fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.7 * len(rows)), squeeze=False)
-        for r, (imgs, title) in enumerate(zip(rows, ["original", "reconstruction"][-len(rows):])):
-            for i in range(n):
+        titles = ["original", "reconstruction"][-len(rows):]
+        n = min(recon.shape[0], MAX_GRID_IMAGES)
+        cols = min(n, GRID_COLUMNS)
+        blocks = -(-n // cols)  # each block: an originals row above its reconstructions row
+        fig, axes = plt.subplots(blocks * len(rows), cols, figsize=(1.2 * cols, 1.3 * blocks * len(rows)),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for i in range(n):
+            block, col = divmod(i, cols)
+            for r, (imgs, title) in enumerate(zip(rows, titles)):
                 img = imgs[i].permute(1, 2, 0).numpy()
-                ax = axes[r][i]
+                ax = axes[block * len(rows) + r][col]
+                ax.set_axis_on()
                 ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if i == 0:
-                    ax.set_ylabel(title, fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(title, fontsize=7)
         fig.tight_layout()
         p = out / f"{stem}_images.png"
         fig.savefig(p, dpi=100)

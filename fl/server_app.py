@@ -79,6 +79,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
                       parent_run_id=options.parent_run_id or None, run_id=options.resume_run_id or None)
     start_round = 1
     history: list[dict[str, float]] = []
+    events: list[str] = []
     ckpt_path = _checkpoint_path(cfg, tracker.run_id)
     if options.resume_run_id:
         if not ckpt_path.is_file():
@@ -86,6 +87,10 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
         ckpt = torch.load(ckpt_path, weights_only=False)
         global_state, start_round, history = ckpt["global_state"], ckpt["round"] + 1, ckpt["history"]
         log.warning("resuming run %s after round %d", tracker.run_id, ckpt["round"])
+        if any(d.name in ("dp_sgd", "update_noise") for d in cfg.defenses):
+            events.append(f"resumed after round {ckpt['round']}: client privacy ledgers live in the clients and were "
+                          "lost with the killed run, so epsilon from now on counts only the rounds after the resume")
+            log.warning(events[-1])
     else:
         tracker.log_params(cfg.to_dict())
         tracker.log_params({"model.trainable_parameters": trainable, "model.total_parameters": total})
@@ -93,7 +98,6 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
 
     status = "FAILED"
     t_start = time.perf_counter()
-    events: list[str] = []
     try:
         roster = discover_partitions(grid)
         if len(roster) != cfg.federation.num_clients:
