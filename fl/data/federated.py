@@ -46,6 +46,12 @@ class FederatedData:
         """Stack items into the batch dict of :mod:`models.tasks` (a picklable plain function)."""
         return collate(items)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text (attack artifacts); ids joined by spaces when the dataset has no tokenizer."""
+        if self.tokenizer is None:
+            return " ".join(map(str, token_ids))
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
     @property
     def num_partitions(self) -> int:
         return len(self.client_indices)

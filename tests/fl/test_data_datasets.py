@@ -244,3 +244,14 @@ def test_unlabelled_lm_file_splits_randomly_and_refuses_dirichlet(tmp_path: Path
     assert sum(len(i) for i in fd.client_indices) == 30
     with pytest.raises(DataError, match="has no labels to skew; use data.partition = 'iid'"):
         load_federated(DataConfig(dataset="text_jsonl", params=params, partition="dirichlet"), 4, 0)
+
+
+def test_decode_turns_token_ids_back_into_text():
+    from fl.config import DataConfig
+    from fl.data import load_federated
+
+    text = load_federated(DataConfig(dataset="textgen"), 4, 0)
+    ids = text.dataset[0]["input_ids"].tolist()
+    sentence = text.decode(ids)
+    assert sentence and "[PAD]" not in sentence and not sentence[0].isdigit()
+    assert load_federated(DataConfig(dataset="digits"), 4, 0).decode([3, 4]) == "3 4"
