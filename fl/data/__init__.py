@@ -7,6 +7,7 @@
 """
 
 from fl.data import datasets as _datasets  # noqa: F401  (registers digits)
+from fl.data import digits_subset as _digits_subset  # noqa: F401  (registers digits_subset)
 from fl.data import local as _local  # noqa: F401  (registers image_folder, text_csv, text_jsonl, hf_disk)
 from fl.data import textgen as _textgen  # noqa: F401  (registers textgen, textgen_lm)
 from fl.data.base import DATASETS, ArrayDataset, DataError, LoadedData, collate, word_tokenizer
