@@ -12,12 +12,12 @@ Reported: validation MSE per entry, and the same for Z = k = 0 (plain attention,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 
 import torch
 
 from models.attention import ntk_attention, prefix_attention
+from experiments.script import add_common_args, start
 
 
 def run_m(m: int, d: int, L: int, steps: int, batch: int, lr: float, n_val: int, seed: int) -> dict[str, float]:
@@ -61,19 +61,9 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, float]]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--n-val", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ap.add_argument("--no-track", action="store_true")
+    add_common_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    tracker = None
-    if not a.no_track:
-        from fl.tracking import Tracker
-
-        tracker = Tracker(a.tracking_uri, "ntk_prefix_error",
-                          run_name="ntk-prefix-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        tracker.log_params({k: v for k, v in vars(a).items() if k not in ("tracking_uri", "no_track")})
+    tracker = start(a, "ntk_prefix_error", "ntk-prefix")
     t0, res = time.time(), {}
     lines = ["| m | val MSE (NTK) | val MSE (Z=k=0) | ratio |", "|---|---|---|---|"]
     for i, m in enumerate(a.m):

@@ -11,7 +11,6 @@ Error: mean over tokens of max-abs error. Memory: bytes held after n tokens (flo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from models.attention import StreamingSketchAttention, sketch_attention
 from models.attention.sketch import sketch_state_bytes
+from experiments.script import add_common_args, start
 
 
 def run(n: int, degree: int, d: int, bound: float, seed: int) -> dict[str, float]:
@@ -37,18 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--degree", type=int, nargs="+", default=[0, 2, 4, 6])
     ap.add_argument("--dim", type=int, default=4)
     ap.add_argument("--bound", type=float, default=1.0, help="entries of q, k in [-B, B]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ap.add_argument("--no-track", action="store_true")
+    add_common_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    tracker = None
-    if not a.no_track:
-        from fl.tracking import Tracker
-
-        tracker = Tracker(a.tracking_uri, "sketch_error", run_name="sketch-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        tracker.log_params({k: v for k, v in vars(a).items() if k not in ("tracking_uri", "no_track")})
+    tracker = start(a, "sketch_error", "sketch")
     # measured (not computed) state size of the streaming object, to back the formula used below
     st = StreamingSketchAttention(degree=a.degree[-1])
     for t in range(64):

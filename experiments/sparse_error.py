@@ -12,13 +12,13 @@ mass tau, for k = ceil(n^C) and for the fixed k.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import time
 
 import torch
 
 from models.attention import sparse_topk_attention, tail_mass, topk_schedule
+from experiments.script import add_common_args, start
 
 
 def run(n: int, beta: float, exponent: float, fixed_k: int, d: int, n_q: int, seed: int) -> dict[str, float]:
@@ -46,18 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fixed-k", type=int, default=16)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--queries", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ap.add_argument("--no-track", action="store_true")
+    add_common_args(ap)
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    tracker = None
-    if not a.no_track:
-        from fl.tracking import Tracker
-
-        tracker = Tracker(a.tracking_uri, "sparse_error", run_name="sparse-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        tracker.log_params({k: v for k, v in vars(a).items() if k not in ("tracking_uri", "no_track")})
+    tracker = start(a, "sparse_error", "sparse")
     t0, res = time.time(), {}
     lines = [f"threshold 2(1-C) = {2 * (1 - a.exponent):.2f}",
              "| beta | n | k=n^C | err (n^C) | tau (n^C) | k fixed | err (fixed) | tau (fixed) |",
