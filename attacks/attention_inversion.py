@@ -221,15 +221,26 @@ class AttentionInversion(Attack):
     def __init__(self, q_weight: str = "", k_weight: str = "", num_heads: int = 0, method: str = "newton",
                  steps: int = 100, lam: float = 1e-6, restarts: int = 3, seed: int = 0) -> None:
         super().__init__()
+        if method not in ("newton", "gd"):
+            raise ValueError(f"attention_inversion method must be 'newton' or 'gd', got {method!r}")
         self.q_weight, self.k_weight, self.num_heads = q_weight, k_weight, num_heads
         self.method, self.steps, self.lam, self.restarts, self.seed = method, steps, lam, restarts, seed
 
-    def _bias_names(self) -> list[str]:
-        return [n.replace("weight", "bias") for n in (self.q_weight, self.k_weight) if n]
+    def _bias_names(self, params: dict[str, torch.Tensor]) -> list[str]:
+        q, k = self._names(params)
+        return [n.replace("weight", "bias") for n in (q, k) if n]
+
+    def _names(self, params: dict[str, torch.Tensor]) -> tuple[str, str]:
+        """The configured Q/K weight names, else the first attention layer's (``*q_proj`` / ``*query``)."""
+        if self.q_weight and self.k_weight:
+            return self.q_weight, self.k_weight
+        q = next((n for n in params if n.endswith(("q_proj.weight", "query.weight"))), "")
+        k = q.replace("q_proj.weight", "k_proj.weight").replace("query.weight", "key.weight") if q else ""
+        return (q, k) if k in params else ("", "")
 
     def craft(self, global_params: dict[str, torch.Tensor], server_round: int, partition_id: int) -> dict[str, torch.Tensor]:
         out = dict(global_params)
-        for name in self._bias_names():
+        for name in self._bias_names(global_params):
             if name in out:
                 out[name] = torch.zeros_like(out[name])
         return out
@@ -237,15 +248,18 @@ class AttentionInversion(Attack):
     def _weights(self, obs: Observation) -> torch.Tensor:
         if "W" in obs.shared:
             return obs.shared["W"].double()
-        if not (self.q_weight and self.k_weight):
+        q, k = self._names(obs.global_params)
+        if not (q and k):
             raise ValueError("attention_inversion needs obs.shared['W'] or params q_weight/k_weight naming the Q/K weights")
-        missing = [n for n in (self.q_weight, self.k_weight) if n not in obs.global_params]
+        missing = [n for n in (q, k) if n not in obs.global_params]
         if missing:
             raise ValueError(f"attention_inversion: {missing} not among the model's parameters; check q_weight/k_weight")
         heads = self.num_heads or int(obs.metadata.get("num_heads", 0))
+        if heads <= 0:  # the architecture's own head count (a config the server built)
+            heads = int(getattr(getattr(obs.model_factory(), "config", None), "num_attention_heads", 0) or 0)
         if heads <= 0:
             raise ValueError("attention_inversion: set params.num_heads (or metadata num_heads)")
-        return qk_product(obs.global_params[self.q_weight].double(), obs.global_params[self.k_weight].double(), heads)
+        return qk_product(obs.global_params[q].double(), obs.global_params[k].double(), heads)
 
     def attack(self, obs: Observation) -> Reconstruction:
         if "attention" not in obs.shared:
@@ -266,4 +280,4 @@ class AttentionInversion(Attack):
             Xs.append(best.X)
             errs.append(float((attention_map(best.X, W) - A[b]).norm() / A[b].norm()))
         metrics: dict[str, Any] = {"attention_error": sum(errs) / len(errs), "attack_seconds": time.perf_counter() - t0}
-        return Reconstruction(metrics=metrics, artifacts={"X": torch.stack(Xs)})
+        return Reconstruction(metrics=metrics, artifacts={"X": torch.stack(Xs), "W": W})

@@ -27,7 +27,10 @@ class Observation:
     ``global_params`` were sent, ``client_params`` came back (after the client's own
     defenses, before any server-side defense). ``metadata`` is what the client
     reported: ``num_examples``, ``local_steps``, ``lr``, ``batch_size``,
-    ``optimizer``. ``labels`` is set only when the threat model grants them.
+    ``optimizer``, ``model_mode`` (``train``/``eval``: the mode the client trained in).
+    ``labels`` is set only when the threat model grants them. ``defenses`` is the
+    public list of the client's defenses (name and params, as in the config), which
+    defense-aware attacks model (``attacks.threat``).
     ``model_factory()`` builds the (architecture-only) model the server trains.
     ``device`` is where the attack should compute (see :func:`resolve_device`).
     """
@@ -43,6 +46,7 @@ class Observation:
     labels: torch.Tensor | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors a client mode shares (attention maps)
     device: str = "cpu"  # where the server runs the attack (config attack.device: "cpu", "cuda", "cuda:1")
+    defenses: tuple[dict[str, Any], ...] = ()  # public: the client's [[defenses]] entries (name, params)
 
     def to(self, device: str | torch.device) -> "Observation":
         """A copy whose tensors live on ``device`` (parameters, labels and shared tensors)."""

@@ -16,9 +16,20 @@ matches the observed one; they differ in objective, optimiser, label handling an
   the one with the smallest gradient distance on the *full* update, embedding
   included), in the spirit of LAMP's discrete steps; ``refine_sweeps=0`` gives plain TAG.
 
-All run on ``obs.device`` (the config's ``attack.device``) and return CPU tensors;
-``restarts`` > 1 splits the time budget over fresh random starts and keeps the start
-with the smallest gradient distance.
+All run on ``obs.device`` (the config's ``attack.device``) and return CPU tensors.
+
+Budgets are deterministic: ``iterations`` per start (L-BFGS counts its inner iterations,
+20 per step) and ``restarts`` fresh random starts (each with the full ``iterations``),
+keeping the start with the smallest gradient distance; the same config and seed give the
+same reconstruction on any machine load. ``max_seconds`` (0 = none) is only a safety cap,
+checked inside every objective evaluation (so inside an L-BFGS line search too): when it
+fires the search keeps its last completed step and the result carries
+``budget_limited = 1``, which the server logs as an event.
+
+Threat-model knobs on every attack: ``objective`` (``l2``, ``cosine``, ``tag``) overrides
+the attack's own; ``defense_aware = true`` simulates the client's public defenses
+(``attacks.threat``: DP-SGD per-example clipping, update clipping, pruning masks) inside
+the recomputed update.
 
 Labels: the threat model grants them only via ``obs.labels``; ``label_strategy`` is
 ``auto`` (given > iDLG > joint), ``given_or_joint`` (DLG's default), ``given``, ``idlg``
@@ -36,16 +47,42 @@ from torch import nn
 
 from attacks.base import ATTACKS, Attack, Observation, Reconstruction, resolve_device
 from attacks.gradients import (
+    OBJECTIVES,
     attack_model,
     embedding_name,
     examples_touched,
     gradient_distance,
     infer_labels,
+    noise_weights,
     observed_target,
     simulate,
 )
+from attacks.threat import public_defenses
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class BudgetExceeded(RuntimeError):
+    """The ``max_seconds`` safety cap fired inside an objective evaluation."""
+
+
+class _Search:
+    """What one attack run shares between its starts: the simulation inputs and the safety cap."""
+
+    def __init__(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
+                 tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, steps: int, lr: float, bs: int,
+                 example_clip: float, update_clip: float, mask: dict[str, Any] | None,
+                 max_seconds: float) -> None:
+        self.obs, self.model, self.params, self.names, self.tgt, self.labels = obs, model, params, names, tgt, labels
+        self.steps, self.lr, self.bs = steps, lr, bs
+        self.example_clip, self.update_clip, self.mask = example_clip, update_clip, mask
+        self.deadline = time.perf_counter() + max_seconds if max_seconds > 0 else math.inf
+        self.budget_limited = False
+
+    def check(self) -> None:
+        if time.perf_counter() > self.deadline:
+            self.budget_limited = True
+            raise BudgetExceeded
 
 
 class GradientInversion(Attack):
@@ -56,8 +93,9 @@ class GradientInversion(Attack):
 
     def __init__(self, **params: Any) -> None:
         cfg: dict[str, Any] = dict(
-            optimizer="lbfgs", iterations=300, lr=1.0, tv=0.0, label_strategy="auto", max_seconds=60.0,
+            optimizer="lbfgs", iterations=300, lr=1.0, tv=0.0, label_strategy="auto", max_seconds=0.0,
             dtype="float64", seed=0, boxed=False, signed=False, init_scale=1.0, tag_scale=0.1, restarts=1,
+            objective=self.objective, defense_aware=False, init="random",
         )
         cfg.update(self.defaults)
         unknown = sorted(set(params) - set(cfg))
@@ -70,6 +108,17 @@ class GradientInversion(Attack):
             raise ValueError(f"label_strategy must be auto, given_or_joint, given, idlg or joint, got {cfg['label_strategy']!r}")
         if cfg["dtype"] not in _DTYPES:
             raise ValueError(f"dtype must be float32 or float64, got {cfg['dtype']!r}")
+        if cfg["init"] not in ("random", "april"):
+            raise ValueError(f"init must be 'random' or 'april' (images: the first start from APRIL's closed form), "
+                             f"got {cfg['init']!r}")
+        if cfg["objective"] not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg['objective']!r}")
+        for key in ("iterations", "restarts"):
+            if not (isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+        if not (isinstance(cfg["max_seconds"], (int, float)) and math.isfinite(cfg["max_seconds"])
+                and cfg["max_seconds"] >= 0):
+            raise ValueError(f"max_seconds must be a finite number >= 0 (0 = no safety cap), got {cfg['max_seconds']!r}")
         self.cfg = cfg
 
     # ---- labels -------------------------------------------------------------------
@@ -96,7 +145,13 @@ class GradientInversion(Attack):
         c, h, w = obs.task.image_shape
         if c * h * w == 0:
             raise ValueError("image attacks need task.image_shape (C, H, W)")
-        return self.cfg["init_scale"] * torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+        x = self.cfg["init_scale"] * torch.randn(n, c, h, w, generator=gen, dtype=dtype)  # drawn always: same stream
+        if self.cfg["init"] == "april" and not self._started:
+            from attacks.april import APRIL
+
+            x = APRIL().attack(obs).inputs.to(dtype).cpu()  # the closed form (a blend when n > 1)
+        self._started = True
+        return x
 
     def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values": x}
@@ -122,37 +177,46 @@ class GradientInversion(Attack):
 
     # ---- the attack ----------------------------------------------------------------
     def attack(self, obs: Observation) -> Reconstruction:
-        """Run ``restarts`` searches from fresh random starts (budget split evenly) on ``obs.device``;
+        """Run ``restarts`` searches of ``iterations`` each from fresh seeded starts on ``obs.device``;
         keep the one with the smallest gradient distance (Geiping et al.'s ``scoring_choice='loss'``)."""
         cfg, t0 = self.cfg, time.perf_counter()
         dev = resolve_device(obs.device)
         obs = obs.to(dev)
         dtype = _DTYPES[cfg["dtype"]]
         gen = torch.Generator().manual_seed(int(cfg["seed"]))
-        model = attack_model(obs.model_factory, dtype).to(dev)
+        model = attack_model(obs.model_factory, dtype, str(obs.metadata.get("model_mode", "eval"))).to(dev)
         tgt, steps, lr = observed_target(obs, dtype)
         n, bs = examples_touched(obs), int(obs.metadata["batch_size"])
         params = {k: v.detach().to(dtype).clone().requires_grad_(k in tgt) for k, v in obs.global_params.items()}
         names = [k for k in tgt if k in params and k not in self._excluded(obs, params)]
         tgt = {k: tgt[k] for k in names}
-        labels = self._labels(obs, n)
-        restarts = max(int(cfg["restarts"]), 1)
+        facts = public_defenses(obs.defenses) if cfg["defense_aware"] else public_defenses(())
+        mask: dict[str, Any] | None = {k: (v != 0).to(dtype) for k, v in tgt.items()} if facts.pruned else None
+        if facts.noise_multiplier > 0 and facts.example_clip > 0:  # DP-SGD noise std per entry of the target
+            std = facts.noise_multiplier * facts.example_clip / bs * (1.0 if steps == 1 else lr * math.sqrt(steps))
+            mask = noise_weights(tgt, std) if mask is None else {k: mask[k] * w for k, w in noise_weights(tgt, std).items()}
+        search = _Search(obs, model, params, names, tgt, self._labels(obs, n), steps, lr, bs, facts.example_clip,
+                         facts.update_clip, mask, float(cfg["max_seconds"]))
         best: tuple[float, torch.Tensor, torch.Tensor | None, list[float], int] | None = None
-        for r in range(restarts):
-            budget = (cfg["max_seconds"] - (time.perf_counter() - t0)) / (restarts - r)
-            if r > 0 and budget <= 0:
-                break
-            x = self._init_inputs(obs, n, params, gen, dtype).to(dev).requires_grad_(True)
-            soft = None
-            if labels is None and obs.task.kind != "lm":
-                soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).to(dev).requires_grad_(True)
-            history, it = self._search(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs, budget)
-            final = self._distance(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs)
-            if best is None or final < best[0] or not math.isfinite(best[0]):
-                best = (final, x.detach(), None if soft is None else soft.detach(), history, it)
-        assert best is not None
-        final, x, soft, history, it = best
-        rec = self._finish(obs, x, labels, soft, params, names, tgt, steps, lr, bs, model)
+        starts = 0
+        self._started = False
+        with torch.random.fork_rng(devices=[]):  # dropout in a train-mode model draws from a seeded stream
+            torch.manual_seed(int(cfg["seed"]))
+            for _ in range(int(cfg["restarts"])):
+                x = self._init_inputs(obs, n, params, gen, dtype).to(dev).requires_grad_(True)
+                soft = None
+                if search.labels is None and obs.task.kind != "lm":
+                    soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).to(dev).requires_grad_(True)
+                starts += 1
+                history, it = self._search(search, x, soft)
+                final = self._distance(search, x, soft)
+                if best is None or final < best[0] or not math.isfinite(best[0]):
+                    best = (final, x.detach(), None if soft is None else soft.detach(), history, it)
+                if search.budget_limited:
+                    break
+            assert best is not None
+            final, x, soft, history, it = best
+            rec = self._finish(search, x, soft)
         for field_ in ("inputs", "tokens", "labels"):
             v = getattr(rec, field_)
             if v is not None:
@@ -160,85 +224,90 @@ class GradientInversion(Attack):
         rec.metrics.update({
             "grad_distance": final,
             "iterations": float(it),
-            "restarts": float(r + 1),
+            "restarts": float(starts),
+            "budget_limited": float(search.budget_limited),
             "attack_seconds": time.perf_counter() - t0,
         })
         rec.artifacts["loss_history"] = history
         return rec
 
-    def _objective(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
-                   tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, x: torch.Tensor, soft: torch.Tensor | None,
-                   steps: int, lr: float, bs: int) -> torch.Tensor:
+    def _objective(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         """Gradient distance without the image prior."""
-        y = labels if labels is not None else (soft if soft is not None else self._refresh_labels(obs, x, params))
+        s = search
+        y = s.labels if s.labels is not None else (soft if soft is not None else self._refresh_labels(s.obs, x, s.params))
         assert y is not None
-        sim = simulate(model, params, names, self._model_inputs(x), y, obs.task, steps, lr, bs)
-        return gradient_distance(sim, tgt, self.objective, self.cfg["tag_scale"])
+        sim = simulate(s.model, s.params, s.names, self._model_inputs(x), y, s.obs.task, s.steps, s.lr, s.bs,
+                       example_clip=s.example_clip, update_clip=s.update_clip)
+        return gradient_distance(sim, s.tgt, self.cfg["objective"], self.cfg["tag_scale"], weight=s.mask)
 
-    def _distance(self, *args: Any) -> float:
+    def _distance(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> float:
         with torch.enable_grad():  # simulate differentiates the loss w.r.t. the parameters
-            d = float(self._objective(*args).detach())
+            d = float(self._objective(search, x, soft).detach())
         return d if math.isfinite(d) else float("inf")
 
-    def _search(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
-                tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, x: torch.Tensor, soft: torch.Tensor | None,
-                steps: int, lr: float, bs: int, budget: float) -> tuple[list[float], int]:
-        """One optimisation from the start ``x`` (and ``soft``), in place; returns (loss history, iterations)."""
-        cfg, t0 = self.cfg, time.perf_counter()
+    def _search(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> tuple[list[float], int]:
+        """One optimisation from the start ``x`` (and ``soft``), in place; returns (loss history, iterations).
+
+        Stops after ``iterations`` (deterministic); the safety cap raises inside the objective, and the
+        search then restores its last completed step."""
+        cfg = self.cfg
         free = [x] + ([soft] if soft is not None else [])
 
         def objective() -> torch.Tensor:
-            return self._objective(obs, model, params, names, tgt, labels, x, soft, steps, lr, bs) + self._prior(x)
+            search.check()
+            return self._objective(search, x, soft) + self._prior(x)
 
         history: list[float] = []
         it = 0
-        if cfg["optimizer"] == "lbfgs":
-            opt = torch.optim.LBFGS(free, lr=cfg["lr"], max_iter=20, history_size=100, line_search_fn="strong_wolfe",
-                                    tolerance_grad=1e-30, tolerance_change=1e-30)
+        T = int(cfg["iterations"])
+        saved = [p.detach().clone() for p in free]
+        try:
+            if cfg["optimizer"] == "lbfgs":
+                opt = torch.optim.LBFGS(free, lr=cfg["lr"], max_iter=20, history_size=100, line_search_fn="strong_wolfe",
+                                        tolerance_grad=1e-30, tolerance_change=1e-30)
 
-            def closure() -> torch.Tensor:
+                def closure() -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = objective()
+                    loss.backward()
+                    return loss
+
+                while it < T:
+                    loss = opt.step(closure)
+                    it += 20
+                    self._box(search.obs, x)
+                    saved = [p.detach().clone() for p in free]
+                    history.append(float(loss.detach()))
+                    if not math.isfinite(history[-1]) or history[-1] < 1e-28:
+                        break
+                return history, it
+            opt = torch.optim.Adam(free, lr=cfg["lr"])
+            marks = (3 / 8, 5 / 8, 7 / 8)  # Geiping et al.: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations
+            while it < T:
+                for g in opt.param_groups:
+                    g["lr"] = cfg["lr"] * 0.1 ** sum(it / T >= m for m in marks)
                 opt.zero_grad()
                 loss = objective()
                 loss.backward()
-                return loss
-
-            while it < cfg["iterations"] and time.perf_counter() - t0 < budget:
-                loss = opt.step(closure)
-                it += 20
+                if cfg["signed"]:
+                    for p in free:
+                        p.grad.sign_()
+                opt.step()
+                self._box(search.obs, x)
+                saved = [p.detach().clone() for p in free]
+                it += 1
                 history.append(float(loss.detach()))
-                if not math.isfinite(history[-1]) or history[-1] < 1e-28:
+                if not math.isfinite(history[-1]):
                     break
-                self._box(obs, x)
             return history, it
-        opt = torch.optim.Adam(free, lr=cfg["lr"])
-        T = int(cfg["iterations"])
-        # Geiping et al.: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations (of the time budget when it binds first)
-        marks = (3 / 8, 5 / 8, 7 / 8)
-        while it < T:
-            elapsed = time.perf_counter() - t0
-            if elapsed >= budget:
-                break
-            progress = max(it / T, elapsed / budget)
-            for g in opt.param_groups:
-                g["lr"] = cfg["lr"] * 0.1 ** sum(progress >= m for m in marks)
-            opt.zero_grad()
-            loss = objective()
-            loss.backward()
-            if cfg["signed"]:
-                for p in free:
-                    p.grad.sign_()
-            opt.step()
-            self._box(obs, x)
-            it += 1
-            history.append(float(loss.detach()))
-            if not math.isfinite(history[-1]):
-                break
-        return history, it
+        except BudgetExceeded:
+            with torch.no_grad():
+                for p, v in zip(free, saved):
+                    p.copy_(v)
+            return history, it
 
-    def _finish(self, obs: Observation, x: torch.Tensor, labels: torch.Tensor | None, soft: torch.Tensor | None,
-                params: dict[str, torch.Tensor], names: list[str], tgt: dict[str, torch.Tensor], steps: int, lr: float,
-                bs: int, model: nn.Module) -> Reconstruction:
-        y = labels if labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
+    def _finish(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> Reconstruction:
+        y = search.labels if search.labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
         return Reconstruction(inputs=x.float(), labels=y)
 
 
@@ -269,8 +338,7 @@ class InvertingGradients(GradientInversion):
     pixels clamped to the valid range in the task's normalised space, several random
     restarts keeping the smallest gradient distance. [project's choice] TV weight 1e-4
     (1e-2 blurred 8x8 digits: 31 dB vs 69 dB at B=1), 2 restarts x 1000 iterations
-    instead of 24 000 (a CPU budget), the decay follows elapsed time when ``max_seconds``
-    binds before ``iterations``. Known weakness (measured): on a ViT whose position
+    instead of 24 000 (a CPU budget). Known weakness (measured): on a ViT whose position
     embeddings are tiny (HF init 0.02, 16 patches) the cosine search converges to the
     digit with its patches permuted (cosine ~1, PSNR ~9 dB); L-BFGS DLG in float64 does not.
     """
@@ -376,15 +444,14 @@ class TAG(GradientInversion):
     def _refresh_labels(self, obs: Observation, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._nearest(x, params)  # causal LM: the labels are the (current guess of the) tokens
 
-    def _finish(self, obs: Observation, x: torch.Tensor, labels: torch.Tensor | None, soft: torch.Tensor | None,
-                params: dict[str, torch.Tensor], names: list[str], tgt: dict[str, torch.Tensor], steps: int, lr: float,
-                bs: int, model: nn.Module) -> Reconstruction:
-        tokens = self._nearest(x, params)
-        y = labels if labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
+    def _finish(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> Reconstruction:
+        obs = search.obs
+        tokens = self._nearest(x, search.params)
+        y = search.labels if search.labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
         before = None
         starts = [tokens] + ([self._init_tokens] if self._init_tokens is not None else [])
         if self.refine_sweeps > 0 or len(starts) > 1:
-            tokens, before, after = self._refine(obs, starts, y, params, steps, lr, bs, model)
+            tokens, before, after = self._refine(search, starts, y)
         rec = Reconstruction(tokens=tokens, labels=y if obs.task.kind != "lm" else None)
         rec.metrics["candidate_tokens"] = float(len(self._cand) if self._cand is not None else 0)
         if before is not None:
@@ -392,10 +459,12 @@ class TAG(GradientInversion):
         return rec
 
     @torch.no_grad()
-    def _refine(self, obs: Observation, starts: list[torch.Tensor], y: torch.Tensor | None, params: dict[str, torch.Tensor],
-                steps: int, lr: float, bs: int, model: nn.Module) -> tuple[torch.Tensor, float, float]:
+    def _refine(self, search: _Search, starts: list[torch.Tensor], y: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
         """Keep the start (continuous result or position match) with the smallest full-update distance,
-        then greedy coordinate search over candidate tokens on that distance."""
+        then ``refine_sweeps`` greedy coordinate sweeps over candidate tokens on that distance
+        (deterministic; the shared safety cap ends a sweep early and marks the result budget-limited)."""
+        obs, params, model = search.obs, search.params, search.model
+        steps, lr, bs = search.steps, search.lr, search.bs
         full_tgt, _, _ = observed_target(obs, params[self._emb].dtype)
         names = [k for k in full_tgt if k in params]
 
@@ -407,7 +476,6 @@ class TAG(GradientInversion):
                 return float(gradient_distance({k: v.detach() for k, v in sim.items()}, full_tgt, "l2"))
 
         assert self._cand is not None
-        deadline = time.perf_counter() + self.cfg["max_seconds"]  # the refinement gets its own budget
         scored = sorted(((dist(t), i) for i, t in enumerate(starts)))
         best, tokens = scored[0][0], starts[scored[0][1]]
         start = best
@@ -415,7 +483,8 @@ class TAG(GradientInversion):
             changed = False
             for i in range(tokens.shape[0]):
                 for j in range(tokens.shape[1]):
-                    if time.perf_counter() > deadline:
+                    if time.perf_counter() > search.deadline:
+                        search.budget_limited = True
                         return tokens, start, best
                     for c in self._cand.tolist():
                         if c == int(tokens[i, j]):

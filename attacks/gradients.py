@@ -21,13 +21,18 @@ from attacks.base import Observation
 from models.tasks import TaskSpec, per_example_loss
 
 
-def attack_model(model_factory: Callable[[], nn.Module], dtype: torch.dtype) -> nn.Module:
-    """The architecture in eval mode (no dropout) with attention that supports double backward.
+def attack_model(model_factory: Callable[[], nn.Module], dtype: torch.dtype, mode: str = "eval") -> nn.Module:
+    """The architecture in the client's mode (``train`` or ``eval``, from ``obs.metadata['model_mode']``)
+    with attention that supports double backward.
 
+    The mode matters for BatchNorm (batch statistics in train mode) and dropout; fedprobe's
+    transformers have neither by default, so both modes compute the same function there.
     Torch's fused CPU SDPA kernel has no second derivative, so Hugging Face models are
     switched to the ``eager`` attention implementation (same math).
     """
-    model = model_factory().to(dtype).eval()
+    if mode not in ("train", "eval"):
+        raise ValueError(f"model_mode must be 'train' or 'eval', got {mode!r}")
+    model = model_factory().to(dtype).train(mode == "train")
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "_attn_implementation", None) in ("sdpa", "flash_attention_2", "flex_attention"):
         model.set_attn_implementation("eager")
@@ -74,28 +79,67 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], inputs: dict[s
     return per_example_loss(logits, labels, task).mean()
 
 
+def _step_gradient(model: nn.Module, params: dict[str, torch.Tensor], names: list[str], inputs: dict[str, torch.Tensor],
+                   labels: torch.Tensor, task: TaskSpec, example_clip: float) -> list[torch.Tensor]:
+    """The batch gradient of one local step; with ``example_clip`` > 0, DP-SGD's mean of
+    per-example gradients clipped with Opacus's factor min(1, C / (|g_i| + 1e-6))."""
+    wrt = [params[k] for k in names]
+    if example_clip <= 0:
+        return list(torch.autograd.grad(batch_loss(model, params, inputs, labels, task), wrt, create_graph=True))
+    n = labels.shape[0]
+    total: list[torch.Tensor] | None = None
+    for i in range(n):
+        one = {key: v[i : i + 1] for key, v in inputs.items()}
+        g = torch.autograd.grad(batch_loss(model, params, one, labels[i : i + 1], task), wrt, create_graph=True)
+        norm = torch.sqrt(sum((t**2).sum() for t in g))  # type: ignore[arg-type]
+        factor = torch.clamp(example_clip / (norm + 1e-6), max=1.0)
+        total = [factor * t for t in g] if total is None else [a + factor * t for a, t in zip(total, g)]
+    assert total is not None
+    return [t / n for t in total]
+
+
 def simulate(model: nn.Module, params: dict[str, torch.Tensor], names: list[str], inputs: dict[str, torch.Tensor],
-             labels: torch.Tensor, task: TaskSpec, steps: int, lr: float, batch_size: int) -> dict[str, torch.Tensor]:
-    """The differentiable counterpart of the target: gradient (steps == 1) or unrolled update (steps > 1)."""
+             labels: torch.Tensor, task: TaskSpec, steps: int, lr: float, batch_size: int,
+             example_clip: float = 0.0, update_clip: float = 0.0) -> dict[str, torch.Tensor]:
+    """The differentiable counterpart of the target: gradient (steps == 1) or unrolled update (steps > 1).
+
+    Defense-aware (``attacks.threat``): ``example_clip`` clips per-example gradients as DP-SGD
+    does; ``update_clip`` scales the whole update u (= -lr g for one step) to norm <= C.
+    """
     n = labels.shape[0]
     if steps == 1:
-        loss = batch_loss(model, params, inputs, labels, task)
-        grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=True)
-        return dict(zip(names, grads))
-    cur = dict(params)
-    for k in range(steps):
-        idx = torch.arange(k * batch_size, (k + 1) * batch_size, device=labels.device) % n
-        sub = {key: v[idx] for key, v in inputs.items()}
-        loss = batch_loss(model, cur, sub, labels[idx], task)
-        grads = torch.autograd.grad(loss, [cur[key] for key in names], create_graph=True)
-        cur.update({key: cur[key] - lr * g for key, g in zip(names, grads)})
-    return {key: cur[key] - params[key] for key in names}
+        out = dict(zip(names, _step_gradient(model, params, names, inputs, labels, task, example_clip)))
+    else:
+        cur = dict(params)
+        for k in range(steps):
+            idx = torch.arange(k * batch_size, (k + 1) * batch_size, device=labels.device) % n
+            sub = {key: v[idx] for key, v in inputs.items()}
+            grads = _step_gradient(model, cur, names, sub, labels[idx], task, example_clip)
+            cur.update({key: cur[key] - lr * g for key, g in zip(names, grads)})
+        out = {key: cur[key] - params[key] for key in names}
+    if update_clip > 0:
+        scale = lr if steps == 1 else 1.0  # the released update is -lr * g for one step
+        norm = scale * torch.sqrt(sum((v**2).sum() for v in out.values()))  # type: ignore[arg-type]
+        factor = torch.clamp(update_clip / (norm + 1e-12), max=1.0)
+        out = {k: factor * v for k, v in out.items()}
+    return out
+
+
+OBJECTIVES = ("l2", "cosine", "tag")
 
 
 def gradient_distance(sim: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], objective: str,
-                      tag_scale: float = 0.1) -> torch.Tensor:
-    """l2 (DLG), cosine (Inverting Gradients: 1 - cos over all parameters), tag (L2 + scale * L1)."""
+                      tag_scale: float = 0.1, weight: dict[str, torch.Tensor | float] | None = None) -> torch.Tensor:
+    """l2 (DLG), cosine (Inverting Gradients: 1 - cos over all parameters; invariant to the scale
+    of either side, so clipping cannot hide from it), tag (L2 + scale * L1). ``weight`` (>= 0 per
+    entry or per tensor) reweights both sides: 0/1 masks skip pruned entries, noise-aware weights
+    favour the tensors whose signal stands above the DP noise (``noise_weights``)."""
     keys = list(sim)
+    if weight is not None:
+        root = {k: (weight[k] ** 0.5 if isinstance(weight[k], torch.Tensor) else float(weight[k]) ** 0.5)
+                for k in keys if k in weight}
+        sim = {k: sim[k] * root[k] if k in root else sim[k] for k in keys}
+        tgt = {k: tgt[k] * root[k] if k in root else tgt[k] for k in keys}
     if objective == "l2":
         return sum(((sim[k] - tgt[k]) ** 2).sum() for k in keys)  # type: ignore[return-value]
     if objective == "tag":
@@ -106,6 +150,17 @@ def gradient_distance(sim: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor]
         nt = sum((tgt[k] ** 2).sum() for k in keys)
         return 1 - dot / (ns.sqrt() * nt.sqrt() + 1e-30)  # type: ignore[union-attr]
     raise ValueError(f"unknown objective {objective!r}; use l2, cosine or tag")
+
+
+def noise_weights(tgt: dict[str, torch.Tensor], noise_std: float) -> dict[str, float]:
+    """Per-tensor Wiener weights snr / (1 + snr) against known i.i.d. noise of std ``noise_std`` per entry,
+    with snr = max(|t|^2 / (n noise_std^2) - 1, 0) estimated from the observed tensor t itself."""
+    out = {}
+    for k, t in tgt.items():
+        noise = t.numel() * noise_std**2
+        snr = max(float((t.double() ** 2).sum()) / noise - 1.0, 0.0) if noise > 0 else float("inf")
+        out[k] = 1.0 if snr == float("inf") else snr / (1.0 + snr)
+    return out
 
 
 def last_bias_name(obs: Observation) -> str | None:

@@ -2,20 +2,32 @@
 
 Ground truth (the simulation's copy of the victim's batch, in the batch-dict format of
 ``models.tasks``) is used here only, after the attack returned; it never reaches the
-attack. Score names are unprefixed (``psnr``, ``ssim``, ``token_accuracy``, ``rouge1``,
-``rouge2``, ``rougeL``, ``label_accuracy``) followed by the attack's own metrics.
+attack. Score names are unprefixed (``psnr``, ``psnr_median``, ``ssim``,
+``recovered_fraction``, ``exact_fraction``, ``token_accuracy``, ``rouge1``, ``rouge2``,
+``rougeL``, ``label_accuracy``, ``label_baseline``) followed by the attack's own metrics.
+A ``best_of`` reconstruction (``artifacts["members"]``) is scored member by member and
+the strongest is kept (:func:`score_best`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from attacks.base import Attack, Observation, Reconstruction
-from attacks.metrics import image_scores, label_accuracy, match_images, text_scores
+from attacks.metrics import (
+    EXACT_PSNR,
+    RECOVERED_PSNR,
+    image_scores,
+    label_accuracy,
+    label_baseline,
+    match_images,
+    per_example_psnr,
+    text_scores,
+)
 from models.tasks import TaskSpec
 
 
@@ -28,34 +40,80 @@ def to_unit_range(x: torch.Tensor, task: TaskSpec) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec) -> dict[str, float]:
-    """Reconstruction scores for whatever the reconstruction and ground truth both hold."""
+def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
+          recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None) -> dict[str, float]:
+    """Reconstruction scores for whatever the reconstruction and ground truth both hold.
+
+    ``label_prior`` (class frequencies the server knows, e.g. of its own test split) adds
+    ``label_baseline``: the score of the best data-free guess on the same batch."""
     if not ground_truth:
         return {}
     out: dict[str, float] = {}
     if rec.inputs is not None and "pixel_values" in ground_truth:
-        out.update(image_scores(to_unit_range(rec.inputs, task), to_unit_range(ground_truth["pixel_values"], task)))
+        out.update(image_scores(to_unit_range(rec.inputs, task), to_unit_range(ground_truth["pixel_values"], task),
+                                recovered_psnr=recovered_psnr))
     if rec.tokens is not None and "input_ids" in ground_truth:
         out.update(text_scores(rec.tokens.cpu(), ground_truth["input_ids"].cpu(), ground_truth.get("attention_mask")))
+    if "X" in rec.artifacts and "W" in rec.artifacts and "attention_input" in ground_truth:
+        out.update(_layer_input_scores(rec.artifacts["X"], ground_truth["attention_input"], rec.artifacts["W"]))
     if rec.labels is not None and "labels" in ground_truth and task.kind != "lm":
         out["label_accuracy"] = label_accuracy(rec.labels.cpu(), ground_truth["labels"].cpu())
+        if label_prior is not None:
+            out["label_baseline"] = label_baseline(ground_truth["labels"].cpu(), label_prior)
     return out
 
 
-def attack_and_score(attack: Attack, obs: Observation,
-                     ground_truth: dict[str, torch.Tensor] | None) -> tuple[Reconstruction, dict[str, float]]:
-    """(reconstruction, scores + attack metrics); the attack sees ``obs`` only."""
+def _layer_input_scores(X_hat: torch.Tensor, X_true: torch.Tensor, W: torch.Tensor) -> dict[str, float]:
+    """attention_inversion's errors (attacks.attention_inversion.score) per example, averaged.
+    ``X_hat`` is [B, d, n] (columns are tokens); the client recorded the layer input as [B, n, d]."""
+    from attacks.attention_inversion import score as inversion_score
+
+    rows = [inversion_score(X_hat[b].double(), X_true[b].double().T, W.double()) for b in range(min(len(X_hat), len(X_true)))]
+    return {f"layer_input_{k}" if k.startswith("x_") else k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
+
+
+def _strength(scores: dict[str, float]) -> tuple[float, ...]:
+    """How strong a member was on this victim: (recovered fraction, PSNR), token accuracy, or labels."""
+    if "psnr" in scores:
+        return (scores.get("recovered_fraction", 0.0), scores["psnr"], scores.get("label_accuracy", 0.0))
+    if "token_accuracy" in scores:
+        return (scores["token_accuracy"], scores.get("rouge2", 0.0))
+    return (scores.get("label_accuracy", 0.0),)
+
+
+def score_best(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
+               recovered_psnr: float = RECOVERED_PSNR,
+               label_prior: Sequence[float] | None = None) -> tuple[Reconstruction, dict[str, float]]:
+    """(the reconstruction to show, its scores); for ``best_of`` the strongest member, with every
+    member's scores as ``<label>/<score>`` and ``best_member`` (its index)."""
+    members = rec.artifacts.get("members")
+    if not members:
+        return rec, score(rec, ground_truth, task, recovered_psnr, label_prior)
+    per = [score(r, ground_truth, task, recovered_psnr, label_prior) for _, r in members]
+    best = max(range(len(members)), key=lambda i: _strength(per[i]))
+    out = dict(per[best])
+    for (label, _), s in zip(members, per):
+        out.update({f"{label}/{k}": v for k, v in s.items()})
+    out["best_member"] = float(best)
+    return members[best][1], out
+
+
+def attack_and_score(attack: Attack, obs: Observation, ground_truth: dict[str, torch.Tensor] | None,
+                     recovered_psnr: float = RECOVERED_PSNR,
+                     label_prior: Sequence[float] | None = None) -> tuple[Reconstruction, dict[str, float]]:
+    """(reconstruction shown, scores + attack metrics); the attack sees ``obs`` only."""
     t0 = time.perf_counter()
     rec = attack.attack(obs)
-    scores = score(rec, ground_truth, obs.task)
+    shown, scores = score_best(rec, ground_truth, obs.task, recovered_psnr, label_prior)
     scores.update({k: float(v) for k, v in rec.metrics.items()})
     scores.setdefault("attack_seconds", time.perf_counter() - t0)
-    return rec, scores
+    return shown, scores
 
 
-def run_attack(attack: Attack, obs: Observation, ground_truth: dict[str, torch.Tensor] | None) -> dict[str, float]:
+def run_attack(attack: Attack, obs: Observation, ground_truth: dict[str, torch.Tensor] | None,
+               **kwargs: Any) -> dict[str, float]:
     """Scores and attack metrics of one attack on one observation."""
-    return attack_and_score(attack, obs, ground_truth)[1]
+    return attack_and_score(attack, obs, ground_truth, **kwargs)[1]
 
 
 GRID_COLUMNS = 16  # images per row of the PNG grid
@@ -78,8 +136,10 @@ def save_artifacts(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | 
 
         recon = to_unit_range(rec.inputs, task)
         orig = to_unit_range(gt["pixel_values"], task) if "pixel_values" in gt else None
+        psnrs = None
         if orig is not None and orig.shape == recon.shape:
             recon = recon[match_images(recon, orig)]
+            psnrs = per_example_psnr(recon, orig).tolist()
         rows = [r for r in (orig, recon) if r is not None]
         titles = ["original", "reconstruction"][-len(rows):]
         n = min(recon.shape[0], MAX_GRID_IMAGES)
@@ -100,6 +160,9 @@ def save_artifacts(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | 
                 ax.set_yticks([])
                 if col == 0:
                     ax.set_ylabel(title, fontsize=7)
+                if title == "reconstruction" and psnrs is not None:
+                    v = psnrs[i]
+                    ax.set_xlabel("exact" if v >= EXACT_PSNR else f"{v:.1f} dB", fontsize=6)
         fig.tight_layout()
         p = out / f"{stem}_images.png"
         fig.savefig(p, dpi=100)

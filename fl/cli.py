@@ -127,13 +127,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
+    from attacks.metrics import format_psnr
+
     final = summary["final"]
     keys = [k for k in ("accuracy", "test_loss", "train_loss", "perplexity", "epsilon") if k in final]
     keys += sorted(k for k in final if k.startswith("attack_") and "/" not in k)
     print(f"\nrun {summary['run_id']} {summary['status'].lower()} after {summary['rounds_completed']} rounds "
           f"in {summary['seconds']:.1f} s")
     for k in keys:
-        print(f"  {k:<24} {final[k]:.4g}")
+        v = final[k]
+        shown = format_psnr(v) if "psnr" in k and v == v else f"{v:.4g}"
+        print(f"  {k:<24} {shown}")
     print(f"MLflow: {summary['tracking_uri']} (run id {summary['run_id']}); browse with: "
           f"mlflow ui --backend-store-uri {summary['tracking_uri']}")
 

@@ -64,6 +64,8 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord(result.metrics),
         "meta": ConfigRecord({k: v for k, v in result.meta.items()}),
     })
+    if result.shared:  # what the client mode shares with the server beyond its update (attention maps)
+        content["shared"] = to_record(result.shared)
     if result.oracle:  # simulation-only ground truth, stripped by the server before any attack sees the reply
         content["oracle"] = to_record(result.oracle)
     return Message(content, reply_to=msg)

@@ -97,6 +97,10 @@ class AttackConfig(_Section):
     device: str = Field("cpu", description="device the server-side attack runs on")
     gpu_share: float = Field(0.0, ge=0, description="GPU share withheld from Ray's clients for the attack (the "
                                                     "ServerApp runs outside Ray, so Ray cannot reserve it itself)")
+    recovered_psnr: float = Field(30.0, gt=0, le=1000, description="per-example PSNR (dB) at which an image counts "
+                                                                   "as recovered (attack_recovered_fraction)")
+    share_attention: bool = Field(False, description="victims share their batch's first-layer attention maps with "
+                                                     "the server (split-learning-like mode; Observation.shared)")
 
 
 class DefenseConfig(_Section):

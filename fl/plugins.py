@@ -45,6 +45,13 @@ def preflight(cfg: Config) -> None:
     from models import build_model
 
     check_names(cfg)
+    if cfg.attack.name not in ("", "none"):
+        from attacks.base import ATTACKS
+
+        try:  # attack constructors only validate their parameters (no side effects)
+            ATTACKS.create(cfg.attack.name, **cfg.attack.params)
+        except (TypeError, ValueError, RegistryError) as exc:
+            raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
     try:
         data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
         build_model(cfg.model, data.task, seed=cfg.experiment.seed)

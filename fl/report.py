@@ -1,7 +1,9 @@
 """``fedprobe report``: privacy-utility curves for a sweep's child runs.
 
-Utility (accuracy, perplexity) against privacy (epsilon, and attack success:
-PSNR / SSIM for images, token accuracy for text) as one PNG, a points table as
+Utility (accuracy, perplexity) against privacy (epsilon, and attack success: the
+recovered fraction of images -- per-example PSNR >= attack.recovered_psnr -- rather than
+raw PSNR, which saturates at "exact"; token accuracy for text; label accuracy beside
+its data-free baseline) as one PNG, a points table as
 CSV, and one self-contained HTML page (the PNG embedded), all also logged as
 artifacts of the sweep's parent run under ``report/``.
 """
@@ -18,8 +20,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from attacks.metrics import EXACT_PSNR
+
 UTILITY = ("accuracy", "perplexity")
-ATTACK_SUCCESS = ("attack_psnr", "attack_token_accuracy", "attack_ssim", "attack_rouge_l", "attack_label_accuracy")
+ATTACK_SUCCESS = ("attack_recovered_fraction", "attack_token_accuracy", "attack_label_accuracy")
+BASELINES = {"attack_label_accuracy": "attack_label_baseline"}  # score -> its data-free guess
 TAG_COLUMNS = ("fedprobe.dataset", "fedprobe.model", "attack", "defense", "optimizer", "attention", "adapter")
 
 
@@ -108,6 +113,13 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
                 pts = [p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colors[label])
+                base = BASELINES.get(y_key or "")
+                if x_key == "epsilon" and base:
+                    bpts = sorted((value(r, x_key), value(r, base)) for r in members)
+                    bpts = [p for p in bpts if not (math.isnan(p[0]) or math.isnan(p[1]))]
+                    if bpts:
+                        ax.plot([p[0] for p in bpts], [p[1] for p in bpts], ls="--", color=colors[label], alpha=0.6,
+                                label=f"{label}: data-free label guess")
             if x_key == "epsilon":
                 ax.set_xscale("log")
                 ax.axvline(eps_inf, color="grey", lw=0.8, ls=":")
@@ -129,7 +141,9 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str = "") -> str:
+    if isinstance(v, float) and "psnr" in column and v >= EXACT_PSNR:
+        return f"≥ {EXACT_PSNR:.0f} (exact)"
     if isinstance(v, float):
         return "∞" if math.isinf(v) else f"{v:.4g}"
     return str(v)
@@ -137,7 +151,7 @@ def _fmt(v: Any) -> str:
 
 def render_html(title: str, parent_id: str, columns: list[str], rows: list[dict[str, Any]], png: bytes) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, ''), c))}</td>" for c in columns) + "</tr>"
                    for r in rows)
     img = base64.b64encode(png).decode()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -109,7 +109,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             strategy = d.wrap_strategy(strategy, cfg)
         artifact_dir = Path(cfg.tracking.output_dir) / "runs" / tracker.run_id
         hook = ServerHook(cfg, task, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed), roster,
-                          artifact_dir, decode=data.decode)
+                          artifact_dir, decode=data.decode, label_prior=data.label_prior())
         cfg_json = cfg.to_json()
 
         if start_round == 1:

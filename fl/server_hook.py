@@ -54,8 +54,10 @@ def build_attack(cfg: Config) -> Attack | None:
 
 class ServerHook:
     def __init__(self, cfg: Config, task: TaskSpec, model_factory: Callable[[], torch.nn.Module],
-                 roster: dict[int, int], artifact_dir: Path, decode: Callable[[list[int]], str] | None = None) -> None:
+                 roster: dict[int, int], artifact_dir: Path, decode: Callable[[list[int]], str] | None = None,
+                 label_prior: list[float] | None = None) -> None:
         self.cfg = cfg
+        self.label_prior = label_prior  # class frequencies of the server's own test split (for label_baseline)
         self.task = task
         self.model_factory = model_factory
         self.roster = roster
@@ -110,8 +112,10 @@ class ServerHook:
                 continue
             content = reply.content
             oracle = from_record(content["oracle"]) if "oracle" in content else None
-            if "oracle" in content:
-                del content["oracle"]
+            shared = from_record(content["shared"]) if "shared" in content else {}
+            for extra in ("oracle", "shared"):  # neither may reach aggregation
+                if extra in content:
+                    del content[extra]
             try:
                 received = from_record(content["arrays"])
                 check_update(received, sent)
@@ -130,8 +134,12 @@ class ServerHook:
                 sent_msg = sent_by_node.get(node)
                 sent_state = from_record(sent_msg.content["arrays"]) if sent_msg is not None else sent
                 try:
-                    report.attack_rows.append(self._attack_one(server_round, node, pid, sent_state, received,
-                                                               dict(content["meta"]), oracle))
+                    row = self._attack_one(server_round, node, pid, sent_state, received, dict(content["meta"]),
+                                           oracle, shared)
+                    report.attack_rows.append(row)
+                    if row.get("attack_budget_limited"):
+                        report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} hit "
+                                             "its max_seconds safety cap: its scores are budget-limited")
                 except Exception as exc:  # an attack's failure must not stop the federation
                     report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} "
                                          f"failed: {type(exc).__name__}: {exc}")
@@ -158,20 +166,22 @@ class ServerHook:
 
     def _attack_one(self, server_round: int, node: int, pid: int, sent: dict[str, torch.Tensor],
                     received: dict[str, torch.Tensor], meta: dict[str, Any],
-                    oracle: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+                    oracle: dict[str, torch.Tensor] | None, shared: dict[str, torch.Tensor]) -> dict[str, Any]:
         assert self.attack is not None
         labels = oracle.get("labels") if (oracle and self.cfg.attack.labels_known) else None
         obs = Observation(server_round=server_round, node_id=node, partition_id=pid, global_params=sent,
                           client_params=received, metadata=meta, task=self.task, model_factory=self.model_factory,
-                          labels=labels, device=self.cfg.attack.device)
+                          labels=labels, shared=shared, device=self.cfg.attack.device,
+                          defenses=tuple(d.model_dump(mode="json") for d in self.cfg.defenses))
         t0 = time.perf_counter()
         recon = self.attack.attack(obs)
         row: dict[str, Any] = {"round": server_round, "client": pid, "attack_seconds": time.perf_counter() - t0}
         row.update({k if k.startswith("attack_") else f"attack_{k}": float(v) for k, v in recon.metrics.items()})
         if oracle:
-            from attacks.harness import save_artifacts, score
+            from attacks.harness import save_artifacts, score_best
 
-            row.update({f"attack_{k}": float(v) for k, v in score(recon, oracle, self.task).items()})
+            shown, scores = score_best(recon, oracle, self.task, self.cfg.attack.recovered_psnr, self.label_prior)
+            row.update({f"attack_{k}": float(v) for k, v in scores.items()})
             out = self.artifact_dir / f"attack_round{server_round}_client{pid}"
-            row["artifacts"] = [str(p) for p in save_artifacts(recon, oracle, self.task, out, decode=self.decode)]
+            row["artifacts"] = [str(p) for p in save_artifacts(shown, oracle, self.task, out, decode=self.decode)]
         return row

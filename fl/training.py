@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from defenses.base import DEFENSES, ClientContext, Defense
 from fl.arrays import load_trainable, trainable_state
 from fl.config import Config
-from models.tasks import TaskSpec, logits_of, per_example_loss
+from models.tasks import TaskSpec, first_layer_attention, logits_of, per_example_loss
 
 ORACLE_MAX_EXAMPLES = 256
 
@@ -55,6 +55,7 @@ class ClientResult:
     meta: dict[str, Any]
     client_state: dict[str, Any]  # persists across rounds (defense accountants)
     oracle: dict[str, torch.Tensor] = field(default_factory=dict)  # ground truth for attack scoring only
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # what a client mode shares beyond the update
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -107,6 +108,8 @@ def train_client(
 
     losses: list[float] = []
     oracle: list[dict[str, torch.Tensor]] = []
+    shared: dict[str, torch.Tensor] = {}
+    attention_input: torch.Tensor | None = None
     n_oracle = 0
     step = 0
     while step < steps:
@@ -120,6 +123,10 @@ def train_client(
                 oracle.append({k: v.detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
                 n_oracle += len(batch["labels"])
             batch = _to_device(batch, device)
+            if record_oracle and cfg.attack.share_attention and not shared:
+                # split-learning-like mode: the victim shares its first batch's first-layer attention maps
+                maps, attention_input = first_layer_attention(ctx.model, batch)
+                shared["attention"] = maps.cpu()
             logits = logits_of(ctx.model, batch)
             per_example = per_example_loss(logits, batch["labels"], data.task)
             loss = per_example.mean()
@@ -146,9 +153,13 @@ def train_client(
     metrics.update({f"opt_{k}": float(v) for k, v in optimizer_diagnostics(base_optimizer).items()})
     metrics.update({k: float(v) for k, v in ctx.metrics.items()})
     meta = {"partition_id": partition_id, "lr": cfg.optimizer.lr, "local_steps": steps,
-            "batch_size": fed.batch_size, "num_examples": len(train_ds), "optimizer": cfg.optimizer.name}
+            "batch_size": fed.batch_size, "num_examples": len(train_ds), "optimizer": cfg.optimizer.name,
+            "model_mode": "train"}
     oracle_batch = {k: torch.cat([o[k] for o in oracle])[:ORACLE_MAX_EXAMPLES] for k in oracle[0]} if oracle else {}
-    return ClientResult(state=sent, metrics=metrics, meta=meta, client_state=ctx.state, oracle=oracle_batch)
+    if attention_input is not None:
+        oracle_batch["attention_input"] = attention_input.cpu()
+    return ClientResult(state=sent, metrics=metrics, meta=meta, client_state=ctx.state, oracle=oracle_batch,
+                        shared=shared)
 
 
 def _apply_update(global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -52,6 +52,15 @@ class FederatedData:
             return " ".join(map(str, token_ids))
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def label_prior(self) -> list[float] | None:
+        """Class frequencies of the central test split: the label prior the server itself holds
+        (it evaluates on that split), used for the data-free ``attack_label_baseline``."""
+        if self.labels is None or self.task.kind == "lm" or self.task.num_classes <= 0:
+            return None
+        test_labels = self.labels[np.asarray(self.test.indices, dtype=np.int64)]
+        counts = np.bincount(test_labels, minlength=self.task.num_classes)[: self.task.num_classes]
+        return (counts / max(counts.sum(), 1)).tolist() if counts.sum() else None
+
     @property
     def num_partitions(self) -> int:
         return len(self.client_indices)

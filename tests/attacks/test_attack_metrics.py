@@ -56,3 +56,43 @@ def test_text_scores_mask_and_order():
 
 def test_label_accuracy_is_order_free():
     assert label_accuracy(torch.tensor([3, 1, 1]), torch.tensor([1, 3, 2])) == pytest.approx(2 / 3)
+
+
+def test_recovered_fraction_and_exact_cap():
+    from attacks.metrics import EXACT_PSNR, format_psnr
+
+    g = torch.Generator().manual_seed(2)
+    orig = torch.rand(4, 1, 8, 8, generator=g)
+    rec = orig.clone()
+    rec[1] = (orig[1] + 0.1).clamp(0, 1)  # ~20 dB
+    rec[2] = orig[2] + 0.01  # 40 dB
+    rec[3] = 1 - orig[3]  # far off
+    s = image_scores(rec[[3, 0, 2, 1]], orig)
+    assert s["recovered_fraction"] == 0.5 and s["exact_fraction"] == 0.25
+    assert s["psnr_max"] == EXACT_PSNR  # the exact one is capped, not inf
+    assert image_scores(rec, orig, recovered_psnr=15)["recovered_fraction"] == 0.75
+    assert format_psnr(134.2) == ">= 80 dB (exact)" and format_psnr(23.46) == "23.5 dB"
+
+
+def test_ssim_is_torchmetrics_standard_definition():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 1, 8, 8, generator=g)
+    y = (x + 0.2 * torch.rand(3, 1, 8, 8, generator=g)).clamp(0, 1)
+    assert ssim(x, y) == pytest.approx(float(structural_similarity_index_measure(y.double(), x.double(), data_range=1.0)),
+                                       rel=1e-9)
+
+
+def test_prior_guess_and_label_baseline():
+    from attacks.metrics import label_baseline, prior_guess
+
+    assert prior_guess([0.7, 0.2, 0.1], 1).tolist() == [0]
+    assert sorted(prior_guess([0.5, 0.5], 4).tolist()) == [0, 0, 1, 1]
+    # a skewed prior with a big batch: the guess keeps several copies of the frequent class
+    assert prior_guess([0.9, 0.05, 0.05], 10).tolist().count(0) >= 8
+    labels = torch.tensor([0, 0, 0, 1])
+    assert label_baseline(labels, [0.75, 0.25]) == 1.0  # the guess {0, 0, 0, 1} is this very batch
+    assert label_baseline(torch.tensor([2]), [0.6, 0.3, 0.1]) == 0.0
+    with pytest.raises(ValueError, match="prior"):
+        prior_guess([], 3)
