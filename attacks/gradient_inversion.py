@@ -71,11 +71,11 @@ class _Search:
 
     def __init__(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
                  tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, steps: int, lr: float, bs: int,
-                 example_clip: float, update_clip: float, mask: dict[str, Any] | None,
+                 example_clip: float, update_clip: float, weight: dict[str, Any] | None,
                  max_seconds: float) -> None:
         self.obs, self.model, self.params, self.names, self.tgt, self.labels = obs, model, params, names, tgt, labels
         self.steps, self.lr, self.bs = steps, lr, bs
-        self.example_clip, self.update_clip, self.mask = example_clip, update_clip, mask
+        self.example_clip, self.update_clip, self.weight = example_clip, update_clip, weight  # weight: prune / noise
         self.deadline = time.perf_counter() + max_seconds if max_seconds > 0 else math.inf
         self.budget_limited = False
 
@@ -145,13 +145,7 @@ class GradientInversion(Attack):
         c, h, w = obs.task.image_shape
         if c * h * w == 0:
             raise ValueError("image attacks need task.image_shape (C, H, W)")
-        x = self.cfg["init_scale"] * torch.randn(n, c, h, w, generator=gen, dtype=dtype)  # drawn always: same stream
-        if self.cfg["init"] == "april" and not self._started:
-            from attacks.april import APRIL
-
-            x = APRIL().attack(obs).inputs.to(dtype).cpu()  # the closed form (a blend when n > 1)
-        self._started = True
-        return x
+        return self.cfg["init_scale"] * torch.randn(n, c, h, w, generator=gen, dtype=dtype)
 
     def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values": x}
@@ -191,19 +185,24 @@ class GradientInversion(Attack):
         names = [k for k in tgt if k in params and k not in self._excluded(obs, params)]
         tgt = {k: tgt[k] for k in names}
         facts = public_defenses(obs.defenses) if cfg["defense_aware"] else public_defenses(())
-        mask: dict[str, Any] | None = {k: (v != 0).to(dtype) for k, v in tgt.items()} if facts.pruned else None
+        weight: dict[str, Any] | None = {k: (v != 0).to(dtype) for k, v in tgt.items()} if facts.pruned else None
         if facts.noise_multiplier > 0 and facts.example_clip > 0:  # DP-SGD noise std per entry of the target
             std = facts.noise_multiplier * facts.example_clip / bs * (1.0 if steps == 1 else lr * math.sqrt(steps))
-            mask = noise_weights(tgt, std) if mask is None else {k: mask[k] * w for k, w in noise_weights(tgt, std).items()}
+            nw = noise_weights(tgt, std)
+            weight = nw if weight is None else {k: weight[k] * w for k, w in nw.items()}
         search = _Search(obs, model, params, names, tgt, self._labels(obs, n), steps, lr, bs, facts.example_clip,
-                         facts.update_clip, mask, float(cfg["max_seconds"]))
+                         facts.update_clip, weight, float(cfg["max_seconds"]))
         best: tuple[float, torch.Tensor, torch.Tensor | None, list[float], int] | None = None
         starts = 0
-        self._started = False
         with torch.random.fork_rng(devices=[]):  # dropout in a train-mode model draws from a seeded stream
             torch.manual_seed(int(cfg["seed"]))
             for _ in range(int(cfg["restarts"])):
-                x = self._init_inputs(obs, n, params, gen, dtype).to(dev).requires_grad_(True)
+                x = self._init_inputs(obs, n, params, gen, dtype)  # drawn on every start: the same random stream
+                if cfg["init"] == "april" and starts == 0 and obs.task.kind == "image":
+                    from attacks.april import APRIL
+
+                    x = APRIL().attack(obs).inputs.to(dtype)  # the closed form (a blend when n > 1)
+                x = x.to(dev).requires_grad_(True)
                 soft = None
                 if search.labels is None and obs.task.kind != "lm":
                     soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).to(dev).requires_grad_(True)
@@ -238,7 +237,7 @@ class GradientInversion(Attack):
         assert y is not None
         sim = simulate(s.model, s.params, s.names, self._model_inputs(x), y, s.obs.task, s.steps, s.lr, s.bs,
                        example_clip=s.example_clip, update_clip=s.update_clip)
-        return gradient_distance(sim, s.tgt, self.cfg["objective"], self.cfg["tag_scale"], weight=s.mask)
+        return gradient_distance(sim, s.tgt, self.cfg["objective"], self.cfg["tag_scale"], weight=s.weight)
 
     def _distance(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> float:
         with torch.enable_grad():  # simulate differentiates the loss w.r.t. the parameters

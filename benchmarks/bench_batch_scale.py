@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -77,13 +78,19 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     ap.add_argument("--states", nargs="+", default=["init", "trained"], choices=["init", "trained"])
     ap.add_argument("--attack", default="best_of")
+    ap.add_argument("--attack-params", default="{}", help="JSON parameters of the attack")
+    ap.add_argument("--attention", default="standard", help="attention kernel of the ViT (fedprobe list)")
+    ap.add_argument("--attention-params", default="{}", help="JSON parameters of the kernel")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    base = BASE + [f"model.attention='{args.attention}'",
+                   "model.attention_params=" + _toml_table(json.loads(args.attention_params))]
+    attack_params = json.loads(args.attack_params)
     for seed in range(args.seeds):
-        cfg0 = load_config(None, BASE + [f"experiment.seed={seed}"])
+        cfg0 = load_config(None, base + [f"experiment.seed={seed}"])
         data = load_federated(cfg0.data, cfg0.federation.num_clients, seed)
         prior = data.label_prior()
         states = {"init": {k: v.detach().clone() for k, v in trainable_state(
@@ -96,12 +103,12 @@ def main() -> None:
             for mode in args.modes:
                 for B in args.batches:
                     steps = 1 if mode == "fedsgd" else 5
-                    cfg = load_config(None, BASE + [f"experiment.seed={seed}", f"federation.batch_size={B}",
+                    cfg = load_config(None, base + [f"experiment.seed={seed}", f"federation.batch_size={B}",
                                                     f"federation.local_steps={steps}"])
                     for pid, rnd in draws:
                         obs, gt = victim(cfg, data, states[state_name], pid, rnd)
                         t0 = time.perf_counter()
-                        _, s = attack_and_score(ATTACKS.create(args.attack), obs, gt, label_prior=prior)
+                        _, s = attack_and_score(ATTACKS.create(args.attack, **attack_params), obs, gt, label_prior=prior)
                         s["seconds"] = time.perf_counter() - t0
                         rows.append({"seed": seed, "state": state_name, "mode": mode, "B": B, "pid": pid, **s})
                         print(f"seed {seed} {state_name} {mode} B={B} client {pid}: psnr {s['psnr']:.1f} "
@@ -115,6 +122,10 @@ def main() -> None:
             f.write("\n" + "\n".join(lines) + "\n")
 
 
+def _toml_table(d: dict) -> str:
+    return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
+
+
 def _med(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
@@ -122,8 +133,12 @@ def _med(values: list[float]) -> str:
 def table(rows: list[dict], args: argparse.Namespace) -> list[str]:
     cmd = ("python benchmarks/bench_batch_scale.py --batches " + " ".join(map(str, args.batches)) +
            f" --victims {args.victims} --seeds {args.seeds} --modes {' '.join(args.modes)} --states "
-           f"{' '.join(args.states)} --attack {args.attack}")
-    out = [f"## Batch scale: {args.attack} on the tiny ViT, honest server ({datetime.date.today()})", "",
+           f"{' '.join(args.states)} --attack {args.attack}" +
+           (f" --attack-params '{args.attack_params}'" if args.attack_params != "{}" else "") +
+           (f" --attention {args.attention}" if args.attention != "standard" else "") +
+           (f" --attention-params '{args.attention_params}'" if args.attention_params != "{}" else ""))
+    out = [f"## Batch scale: {args.attack} on the tiny ViT ({args.attention} attention), honest server "
+           f"({datetime.date.today()})", "",
            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
            f"{args.threads} thread. Command: `{cmd}`", "",
            f"{args.victims} victims x {args.seeds} seed(s) per row (client and round seed drawn at random; "
