@@ -41,17 +41,23 @@ def to_unit_range(x: torch.Tensor, task: TaskSpec) -> torch.Tensor:
 
 
 def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
-          recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None) -> dict[str, float]:
+          recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None,
+          image_prior: torch.Tensor | None = None) -> dict[str, float]:
     """Reconstruction scores for whatever the reconstruction and ground truth both hold.
 
     ``label_prior`` (class frequencies the server knows, e.g. of its own test split) adds
-    ``label_baseline``: the score of the best data-free guess on the same batch."""
+    ``label_baseline``: the score of the best data-free guess on the same batch. ``image_prior``
+    (a mean image [C, H, W] the server knows, in the task's normalised space) adds ``psnr_baseline``:
+    the median PSNR of that one image against each original, the data-free guess's score."""
     if not ground_truth:
         return {}
     out: dict[str, float] = {}
     if rec.inputs is not None and "pixel_values" in ground_truth:
-        out.update(image_scores(to_unit_range(rec.inputs, task), to_unit_range(ground_truth["pixel_values"], task),
-                                recovered_psnr=recovered_psnr))
+        orig = to_unit_range(ground_truth["pixel_values"], task)
+        out.update(image_scores(to_unit_range(rec.inputs, task), orig, recovered_psnr=recovered_psnr))
+        if image_prior is not None:
+            guess = to_unit_range(image_prior.reshape(1, *orig.shape[1:]), task).expand_as(orig)
+            out["psnr_baseline"] = float(per_example_psnr(guess, orig).clamp(max=EXACT_PSNR).median())
     if rec.tokens is not None and "input_ids" in ground_truth:
         out.update(text_scores(rec.tokens.cpu(), ground_truth["input_ids"].cpu(), ground_truth.get("attention_mask")))
     if "X" in rec.artifacts and "W" in rec.artifacts and "attention_input" in ground_truth:
@@ -82,14 +88,14 @@ def _strength(scores: dict[str, float]) -> tuple[float, ...]:
 
 
 def score_best(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
-               recovered_psnr: float = RECOVERED_PSNR,
-               label_prior: Sequence[float] | None = None) -> tuple[Reconstruction, dict[str, float]]:
+               recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None,
+               image_prior: torch.Tensor | None = None) -> tuple[Reconstruction, dict[str, float]]:
     """(the reconstruction to show, its scores); for ``best_of`` the strongest member, with every
     member's scores as ``<label>/<score>`` and ``best_member`` (its index)."""
     members = rec.artifacts.get("members")
     if not members:
-        return rec, score(rec, ground_truth, task, recovered_psnr, label_prior)
-    per = [score(r, ground_truth, task, recovered_psnr, label_prior) for _, r in members]
+        return rec, score(rec, ground_truth, task, recovered_psnr, label_prior, image_prior)
+    per = [score(r, ground_truth, task, recovered_psnr, label_prior, image_prior) for _, r in members]
     best = max(range(len(members)), key=lambda i: _strength(per[i]))
     out = dict(per[best])
     for (label, _), s in zip(members, per):
@@ -99,12 +105,12 @@ def score_best(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None
 
 
 def attack_and_score(attack: Attack, obs: Observation, ground_truth: dict[str, torch.Tensor] | None,
-                     recovered_psnr: float = RECOVERED_PSNR,
-                     label_prior: Sequence[float] | None = None) -> tuple[Reconstruction, dict[str, float]]:
+                     recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None,
+                     image_prior: torch.Tensor | None = None) -> tuple[Reconstruction, dict[str, float]]:
     """(reconstruction shown, scores + attack metrics); the attack sees ``obs`` only."""
     t0 = time.perf_counter()
     rec = attack.attack(obs)
-    shown, scores = score_best(rec, ground_truth, obs.task, recovered_psnr, label_prior)
+    shown, scores = score_best(rec, ground_truth, obs.task, recovered_psnr, label_prior, image_prior)
     scores.update({k: float(v) for k, v in rec.metrics.items()})
     scores.setdefault("attack_seconds", time.perf_counter() - t0)
     return shown, scores

@@ -92,7 +92,7 @@ def main() -> None:
     for seed in range(args.seeds):
         cfg0 = load_config(None, base + [f"experiment.seed={seed}"])
         data = load_federated(cfg0.data, cfg0.federation.num_clients, seed)
-        prior = data.label_prior()
+        prior, image_prior = data.label_prior(), data.image_prior()
         states = {"init": {k: v.detach().clone() for k, v in trainable_state(
             build_model(cfg0.model, data.task, seed=seed)).items()}}
         if "trained" in args.states:
@@ -108,7 +108,8 @@ def main() -> None:
                     for pid, rnd in draws:
                         obs, gt = victim(cfg, data, states[state_name], pid, rnd)
                         t0 = time.perf_counter()
-                        _, s = attack_and_score(ATTACKS.create(args.attack, **attack_params), obs, gt, label_prior=prior)
+                        _, s = attack_and_score(ATTACKS.create(args.attack, **attack_params), obs, gt, label_prior=prior,
+                                               image_prior=image_prior)
                         s["seconds"] = time.perf_counter() - t0
                         rows.append({"seed": seed, "state": state_name, "mode": mode, "B": B, "pid": pid, **s})
                         print(f"seed {seed} {state_name} {mode} B={B} client {pid}: psnr {s['psnr']:.1f} "

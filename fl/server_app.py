@@ -109,7 +109,8 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             strategy = d.wrap_strategy(strategy, cfg)
         artifact_dir = Path(cfg.tracking.output_dir) / "runs" / tracker.run_id
         hook = ServerHook(cfg, task, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed), roster,
-                          artifact_dir, decode=data.decode, label_prior=data.label_prior())
+                          artifact_dir, decode=data.decode, label_prior=data.label_prior(),
+                          image_prior=data.image_prior())
         cfg_json = cfg.to_json()
 
         if start_round == 1:

@@ -61,6 +61,12 @@ class FederatedData:
         counts = np.bincount(test_labels, minlength=self.task.num_classes)[: self.task.num_classes]
         return (counts / max(counts.sum(), 1)).tolist() if counts.sum() else None
 
+    def image_prior(self) -> torch.Tensor | None:
+        """The mean image of the central test split (what the server holds), for ``attack_psnr_baseline``."""
+        if self.task.kind != "image" or len(self.test) == 0:
+            return None
+        return torch.stack([self.test[i]["pixel_values"] for i in range(len(self.test))]).float().mean(0)
+
     @property
     def num_partitions(self) -> int:
         return len(self.client_indices)

@@ -171,3 +171,18 @@ def test_safety_cap_fires_inside_lbfgs_and_marks_the_score():
     assert torch.isfinite(rec.inputs).all()
     with pytest.raises(ValueError, match="max_seconds"):
         ATTACKS.create("idlg", max_seconds=float("inf"))
+
+
+def test_psnr_baseline_scores_the_prior_image_not_the_attack():
+    from attacks.harness import score
+    from attacks.metrics import per_example_psnr
+    from attacks.harness import to_unit_range
+
+    g = torch.Generator().manual_seed(4)
+    orig = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1  # normalised space (mean 0.5, std 0.5)
+    prior = orig.mean(0)
+    s = score(Reconstruction(inputs=orig.clone()), {"pixel_values": orig}, IMG, image_prior=prior)
+    expected = per_example_psnr(to_unit_range(prior[None].expand_as(orig), IMG), to_unit_range(orig, IMG)).median()
+    assert s["psnr"] == 80.0 and s["psnr_baseline"] == pytest.approx(float(expected)) and s["psnr_baseline"] < 30
+    one = orig[1:2]  # a prior equal to the (only) original is an exact guess
+    assert score(Reconstruction(inputs=one), {"pixel_values": one}, IMG, image_prior=one[0])["psnr_baseline"] == 80.0
