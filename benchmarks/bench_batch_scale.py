@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--victims", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--json", default="", help="also write every victim's scores to this JSON file")
     ap.add_argument("--modes", nargs="+", default=["fedsgd", "fedavg"], choices=["fedsgd", "fedavg"])
     ap.add_argument("--states", nargs="+", default=["init", "trained"], choices=["init", "trained"])
     ap.add_argument("--attack", default="best_of")
@@ -89,7 +91,7 @@ def main() -> None:
     base = BASE + [f"model.attention='{args.attention}'",
                    "model.attention_params=" + _toml_table(json.loads(args.attention_params))]
     attack_params = json.loads(args.attack_params)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg0 = load_config(None, base + [f"experiment.seed={seed}"])
         data = load_federated(cfg0.data, cfg0.federation.num_clients, seed)
         prior, image_prior = data.label_prior(), data.image_prior()
@@ -116,6 +118,8 @@ def main() -> None:
                               f"rec {s['recovered_fraction']:.2f} labels {s.get('label_accuracy', float('nan')):.2f} "
                               f"(guess {s.get('label_baseline', float('nan')):.2f}) best member "
                               f"{int(s.get('best_member', -1))} {s['seconds']:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
     lines = table(rows, args)
     print("\n".join(lines))
     if args.out:
@@ -133,7 +137,8 @@ def _med(values: list[float]) -> str:
 
 def table(rows: list[dict], args: argparse.Namespace) -> list[str]:
     cmd = ("python benchmarks/bench_batch_scale.py --batches " + " ".join(map(str, args.batches)) +
-           f" --victims {args.victims} --seeds {args.seeds} --modes {' '.join(args.modes)} --states "
+           f" --victims {args.victims} --seeds {args.seeds}" +
+           (f" --first-seed {args.first_seed}" if args.first_seed else "") + f" --modes {' '.join(args.modes)} --states "
            f"{' '.join(args.states)} --attack {args.attack}" +
            (f" --attack-params '{args.attack_params}'" if args.attack_params != "{}" else "") +
            (f" --attention {args.attention}" if args.attention != "standard" else "") +
