@@ -1,10 +1,17 @@
 """Privacy accounting: the one place where fedprobe turns noise into epsilon.
 
 Every epsilon the project reports comes from :func:`epsilon` or :class:`PrivacyLedger`,
-both thin layers over Opacus's accountants (``rdp``: Rényi DP of the Poisson-subsampled
-Gaussian mechanism, Mironov et al. 2019; ``prv``: numerical composition of privacy-loss
-random variables, Gopi et al. 2021). Nothing here re-derives the analysis; it validates
-inputs, keeps a JSON-serialisable history and asks Opacus.
+thin layers over two accountant families: Opacus's (``rdp``: Rényi DP of the
+Poisson-subsampled Gaussian mechanism, Mironov et al. 2019; ``prv``: numerical composition
+of privacy-loss random variables, Gopi et al. 2021) and Google's ``dp-accounting``
+(``pld``: privacy-loss distributions, Koskela et al. / Doroshenko et al. 2022, the
+tightest of the three). Nothing here re-derives the analysis; it validates inputs, keeps
+a JSON-serialisable history and asks the library. ``tests/defenses/test_accounting.py``
+cross-checks the families on the same histories.
+
+A history entry (z, q, t) is t Poisson-subsampled Gaussian releases at rate q (q = 1: no
+subsampling). :func:`sampler_release` says which (q, t) a DP-SGD round must be accounted
+at for the sampler it actually used.
 
 A :class:`PrivacyLedger` is the per-client (or per-server) accountant state. It stores
 ``history = [(noise_multiplier, sample_rate, steps), ...]`` exactly as Opacus's
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
 
 
 def _check(noise_multiplier: float, sample_rate: float, steps: int, accountant: str) -> None:
@@ -70,11 +77,44 @@ def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float
         hist.append((float(z), float(q), int(t)))
     if not hist:
         return 0.0
+    if accountant == "pld":
+        return _pld_epsilon(hist, delta)
     from opacus.accountants import create_accountant  # lazy: importing opacus takes seconds
 
     acc = create_accountant(mechanism=accountant)
     acc.history = hist
     return float(acc.get_epsilon(delta=delta))
+
+
+def _pld_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:
+    """Google dp-accounting's PLD accountant on the composition of ``hist``."""
+    import dp_accounting  # lazy: pulls in absl and scipy
+
+    acc = dp_accounting.pld.PLDAccountant()
+    for z, q, t in hist:
+        event: Any = dp_accounting.GaussianDpEvent(z)
+        if q < 1:
+            event = dp_accounting.PoissonSampledDpEvent(q, event)
+        acc.compose(event, t)
+    return float(acc.get_epsilon(delta))
+
+
+def sampler_release(poisson: bool, steps: int, batches_per_epoch: int) -> tuple[float, int]:
+    """(sample rate, releases) to account for ``steps`` DP-SGD steps over a loader of ``batches_per_epoch``.
+
+    * Poisson sampling (Opacus's ``DPDataLoader``, rate q = 1 / batches_per_epoch, drawn from
+      the client's private randomness): ``steps`` subsampled releases at q, amplification applies.
+    * Fixed-size shuffled batches: no amplification is claimed (the shuffle would have to be
+      secret and its analysis is not Opacus's). Each record is in exactly one batch per pass
+      over the data and the other steps do not touch it, so a pass costs one Gaussian
+      release at q = 1 (add/remove adjacency, sensitivity C, as Opacus); ``steps`` steps are
+      ceil(steps / batches_per_epoch) passes (a partial pass may hold the record).
+    """
+    if batches_per_epoch < 1:
+        raise ValueError(f"a DP-SGD loader needs at least one batch, got {batches_per_epoch}")
+    if poisson:
+        return 1.0 / batches_per_epoch, int(steps)
+    return 1.0, int(math.ceil(steps / batches_per_epoch))
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
@@ -94,6 +134,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     _check(0.0, sample_rate, steps, accountant)
     if steps == 0:
         return 0.0
+    if accountant == "pld":
+        return _bisect_noise(target_epsilon, delta, sample_rate, steps, accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
@@ -102,6 +144,24 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     except ValueError as exc:  # "The privacy budget is too low."
         raise ValueError(f"target_epsilon={target_epsilon} is unreachable with delta={delta}, q={sample_rate}, "
                          f"steps={steps} ({exc}); raise target_epsilon or lower the number of steps") from None
+
+
+def _bisect_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str,
+                  tolerance: float = 0.01) -> float:
+    """Opacus's search (double the noise until epsilon <= target, then bisect to ``tolerance``) for any accountant."""
+    lo, hi = 0.0, 10.0
+    while epsilon_of_history([(hi, q, steps)], delta, accountant) > target_epsilon:
+        hi *= 2
+        if hi > 2**12:
+            raise ValueError(f"target_epsilon={target_epsilon} is unreachable with delta={delta}, q={q}, "
+                             f"steps={steps}; raise target_epsilon or lower the number of steps")
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        if mid > 0 and epsilon_of_history([(mid, q, steps)], delta, accountant) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 @dataclass

@@ -11,7 +11,10 @@ A defense may act at three places, each an optional hook:
 
 ``config.defenses`` is a list; hooks run in list order. State that must survive
 across rounds for one client (a privacy accountant) lives in ``ctx.state``, a
-JSON-serialisable dict that the ClientApp keeps in Flower's per-node context.
+JSON-serialisable dict that the ClientApp keeps in Flower's per-node context. It is
+*public accounting state*: the client reports it with every reply (the server
+checkpoints it and hands it back after ``--resume``), so a defense must never keep a
+secret there (secrets come from :mod:`defenses.randomness`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class ClientContext:
     num_rounds: int = 1  # federation.rounds (for defenses that budget privacy over the whole run)
     state: dict[str, Any] = field(default_factory=dict)  # persists across rounds for this client
     metrics: dict[str, float] = field(default_factory=dict)  # reported to the server, logged to MLflow
+    refused: str = ""  # why the client will not train this round (a spent privacy budget); see refuse()
+
+    def refuse(self, reason: str) -> None:
+        """Called in ``setup``: the client trains nothing this round and its reply is not aggregated."""
+        self.refused = self.refused or reason
 
 
 class Defense:

@@ -15,6 +15,8 @@ replacement; the Poisson RDP bound is the standard approximation used by DP-FedA
 supports). The guarantee needs uniform aggregation weights: FedAvg weighting by
 ``num-examples`` with unequal client sizes breaks the C/m sensitivity; the metric
 ``central_dp_uniform_weights`` says whether the last round's weights were equal.
+The noise is drawn from a private stream (:func:`defenses.randomness.private_numpy_global`),
+not from numpy's publicly seeded global RNG, so whoever knows the config cannot replay it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from defenses.accounting import check_delta, epsilon
+from defenses.accounting import ACCOUNTANTS, check_delta, epsilon
 from defenses.base import DEFENSES, Defense
+from defenses.randomness import private_numpy_global
 
 
 def _federation(config: Any) -> tuple[int, int]:
@@ -51,7 +54,9 @@ def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, 
                         if key in rec:
                             weights.append(float(rec[key]))
             self.uniform_weights = len(set(weights)) <= 1
-            return super().aggregate_train(server_round, replies)
+            # Flower draws the noise from numpy's global RNG, which fedprobe seeds publicly: draw it privately
+            with private_numpy_global("central_dp", server_round):
+                return super().aggregate_train(server_round, replies)
 
     return _Checked(strategy, noise_multiplier, clipping_norm, m)
 
@@ -67,8 +72,8 @@ class CentralDP(Defense):
         if not clipping_norm > 0:
             raise ValueError(f"central_dp clipping_norm must be > 0, got {clipping_norm!r}")
         check_delta(delta)
-        if accountant not in ("rdp", "prv"):
-            raise ValueError(f"central_dp accountant must be 'rdp' or 'prv', got {accountant!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"central_dp accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
         self.noise_multiplier = float(noise_multiplier)
         self.clipping_norm = float(clipping_norm)
         self.delta = delta

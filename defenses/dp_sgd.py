@@ -2,11 +2,22 @@
 
 Per step (Abadi et al. 2016; Opacus ``DPOptimizer``): per-example gradients g_i are
 clipped to norm C, summed, Gaussian noise N(0, sigma^2 C^2 I) is added and the sum is
-divided by the expected batch size. The accountant (``rdp`` or ``prv``) composes
-(sigma, q = 1/len(loader), steps) for every round this client trained; the history lives
-in ``ctx.state["dp_sgd"]`` (JSON) so the epsilon after round r covers rounds 1..r (Flower's
-Opacus example creates a new PrivacyEngine per round and never composes; we do).
-Client sampling gives no amplification against the server, see ``defenses.accounting``.
+divided by the expected batch size. The accountant (``rdp``, ``prv`` or ``pld``) composes
+the releases of every round this client trained, at the rate of the sampler actually used
+(:func:`defenses.accounting.sampler_release`: Poisson at q = 1/len(loader), or one q = 1
+release per pass over the data for fixed-size shuffled batches); the history lives in
+``ctx.state["dp_sgd"]`` (JSON) so the epsilon after round r covers rounds 1..r (Flower's
+Opacus example creates a new PrivacyEngine per round and never composes; we do). The client
+reports each round's (sigma, q, releases), so the server can rebuild and checkpoint the
+ledger and hand it back after ``--resume``. Client sampling gives no amplification against
+the server, see ``defenses.accounting``.
+
+Noise and Poisson sampling draw from the client's private randomness
+(:mod:`defenses.randomness`), so the server cannot replay them from the public seed;
+``noise_seed`` makes both reproducible from the config instead, and the round reports
+``dp_noise_secret = 0`` (its epsilon does not hold against the server). ``max_epsilon``
+makes a client refuse a round that would take its epsilon past the budget: it trains
+nothing, sends nothing the server may aggregate, and reports ``privacy_budget_exhausted``.
 
 Project choices:
 * ``wrap_model=False``: Opacus attaches hooks to the original module instead of wrapping it
@@ -34,8 +45,10 @@ from typing import Any
 
 import torch
 
-from defenses.accounting import PrivacyLedger, check_delta, check_epsilon, noise_multiplier_for
+from defenses.accounting import ACCOUNTANTS, PrivacyLedger, check_delta, check_epsilon, noise_multiplier_for, \
+    sampler_release
 from defenses.base import DEFENSES, ClientContext, Defense
+from defenses.randomness import private_generator
 
 STATE_KEY = "dp_sgd"
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # the modes Opacus supports with wrap_model=False
@@ -96,6 +109,7 @@ class DPSGD(Defense):
         grad_sample_mode: str = "hooks",
         secure_mode: bool = False,
         noise_seed: int | None = None,
+        max_epsilon: float | None = None,
     ) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError("dp_sgd needs exactly one of noise_multiplier or target_epsilon (with rounds)")
@@ -108,8 +122,12 @@ class DPSGD(Defense):
         check_delta(delta)
         if not max_grad_norm > 0:
             raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm!r}")
-        if accountant not in ("rdp", "prv"):
-            raise ValueError(f"dp_sgd accountant must be 'rdp' or 'prv', got {accountant!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"dp_sgd accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+        if max_epsilon is not None:
+            check_epsilon(max_epsilon)
+        if not isinstance(poisson_sampling, bool):
+            raise ValueError(f"dp_sgd poisson_sampling must be true or false, got {poisson_sampling!r}")
         if clipping not in ("flat", "per_layer"):
             raise ValueError(f"dp_sgd clipping must be 'flat' or 'per_layer', got {clipping!r}")
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -128,6 +146,7 @@ class DPSGD(Defense):
         self.grad_sample_mode = grad_sample_mode
         self.secure_mode = secure_mode
         self.noise_seed = noise_seed
+        self.max_epsilon = max_epsilon
         self._reset()
 
     def _reset(self) -> None:
@@ -138,6 +157,8 @@ class DPSGD(Defense):
         self._seen = 0
         self._sigma = 0.0
         self._q = 0.0
+        self._releases = 0
+        self._refused = False
         self._expected_batch = 1
 
     # -- client side --------------------------------------------------------------------
@@ -162,15 +183,37 @@ class DPSGD(Defense):
         if "position_ids" in inspect.signature(model.forward).parameters:
             self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
 
-        self._q = 1.0 / len(ctx.loader)  # Opacus's sample rate for Poisson sampling
-        steps_per_round = ctx.local_steps if ctx.local_steps > 0 else ctx.epochs * len(ctx.loader)
-        cached = ctx.state.get(STATE_KEY, {}).get("sigma")
+        batches = len(ctx.loader)
+        steps_per_round = ctx.local_steps if ctx.local_steps > 0 else ctx.epochs * batches
+        self._q, self._releases = sampler_release(self.poisson_sampling, steps_per_round, batches)
+        stored = ctx.state.get(STATE_KEY, {})
+        cached = stored.get("sigma")
         self._sigma = float(cached) if cached is not None and self.target_epsilon is not None else \
-            self.sigma_for(self._q, steps_per_round)
+            self.sigma_for(self._q, self._releases)
+        if self.max_epsilon is not None:
+            ledger = PrivacyLedger.from_dict(stored.get("ledger"), self.accountant)
+            spent = ledger.epsilon(self.delta)
+            ledger.record(self._sigma, self._q, self._releases)
+            after = ledger.epsilon(self.delta)
+            if after > self.max_epsilon:
+                self._refused = True
+                ctx.refuse(f"dp_sgd budget: epsilon would reach {after:.3g} > max_epsilon={self.max_epsilon:g} "
+                           f"(spent {spent:.3g})")
+                ctx.metrics.update({"privacy_budget_exhausted": 1.0, "epsilon": spent})
+                return
 
-        generator = None
-        if self.noise_seed is not None:
+        if self.noise_seed is not None:  # reproducible from the config: the server can replay it
             generator = seeded_generator(self.noise_seed, ctx.server_round, ctx.partition_id, device=ctx.device)
+            sampling = seeded_generator(self.noise_seed, ctx.server_round, ctx.partition_id, 1)
+        else:
+            generator = private_generator("dp_sgd-noise", ctx.server_round, ctx.partition_id, device=ctx.device)
+            sampling = private_generator("dp_sgd-sampling", ctx.server_round, ctx.partition_id)
+        if not self.secure_mode:
+            from opacus.data_loader import switch_generator
+
+            if getattr(getattr(ctx.loader, "sampler", None), "generator", None) is not None:  # a shuffled loader
+                ctx.loader = switch_generator(data_loader=ctx.loader, generator=sampling)
+            ctx.loader.generator = sampling  # DPDataLoader.from_data_loader draws its Poisson masks from it
         with warnings.catch_warnings():  # "Secure RNG turned off": secure_mode is a documented option
             warnings.simplefilter("ignore", UserWarning)
             engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.secure_mode)
@@ -197,13 +240,17 @@ class DPSGD(Defense):
                 self._seen += len(norms)
 
     def after_training(self, ctx: ClientContext) -> None:
+        if self._refused:
+            self._reset()
+            return
         if self._hooks is not None:
             self._hooks.cleanup()  # removes hooks and p.grad_sample from the original module
         if self._pos_handle is not None:
             self._pos_handle.remove()
         stored = ctx.state.get(STATE_KEY, {})
         ledger = PrivacyLedger.from_dict(stored.get("ledger"), self.accountant)
-        ledger.record(self._sigma, self._q, self._steps)
+        # what the sampler costs (sampler_release), not the steps taken: an empty Poisson batch is still a release
+        ledger.record(self._sigma, self._q, self._releases)
         ctx.state[STATE_KEY] = {"ledger": ledger.to_dict(), "sigma": self._sigma}
         ctx.metrics.update({
             "epsilon": ledger.epsilon(self.delta),
@@ -214,7 +261,9 @@ class DPSGD(Defense):
             "dp_clip_fraction": self._clipped / self._seen if self._seen and self.clipping == "flat" else float("nan"),
             "dp_steps": float(self._steps),
             "dp_total_steps": float(ledger.steps),
-            "dp_sample_rate": self._q,
+            "dp_sample_rate": self._q,  # the accounted rate: 1/len(loader) (Poisson) or 1 (shuffled batches)
+            "dp_releases": float(self._releases),
             "dp_poisson": float(self.poisson_sampling),
+            "dp_noise_secret": float(self.noise_seed is None),
         })
         self._reset()

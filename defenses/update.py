@@ -14,6 +14,11 @@ Sensitivity (project choice): neighbouring client datasets may differ in any way
 multiplier is sigma / 2. ``adjacency = "add_remove"`` uses sensitivity C (user-level DP
 in the style of DP-FedAvg, where a client's update is either present or absent).
 
+The noise draws from the client's private randomness (:mod:`defenses.randomness`); a
+``seed`` makes it reproducible from the config, and ``update_noise_secret = 0`` says the
+epsilon then does not hold against the server. ``max_epsilon`` makes a client refuse a
+round that would take its epsilon past the budget.
+
 ``prune`` is the DLG paper's defense (Zhu et al. 2019, section 5): entries of the update
 with the smallest magnitudes are set to zero, a fraction ``sparsity`` per tensor (or over
 the whole update with ``scope = "global"``). It has no formal guarantee.
@@ -28,6 +33,7 @@ import torch
 from defenses.accounting import PrivacyLedger, check_delta
 from defenses.base import DEFENSES, ClientContext, Defense
 from defenses.dp_sgd import seeded_generator
+from defenses.randomness import private_generator
 
 
 def global_norm(update: dict[str, torch.Tensor], p: float = 2.0) -> float:
@@ -75,6 +81,7 @@ class UpdateNoise(Defense):
         accountant: str = "rdp",
         adjacency: str = "replace",
         seed: int | None = None,
+        max_epsilon: float | None = None,
     ) -> None:
         if mechanism not in ("gaussian", "laplace"):
             raise ValueError(f"update_noise mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
@@ -89,6 +96,9 @@ class UpdateNoise(Defense):
         if adjacency not in ("replace", "add_remove"):
             raise ValueError(f"update_noise adjacency must be 'replace' or 'add_remove', got {adjacency!r}")
         check_delta(delta)
+        if max_epsilon is not None and not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0):
+            raise ValueError(f"update_noise max_epsilon must be a number > 0, got {max_epsilon!r}")
+        self.max_epsilon = max_epsilon
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.mechanism = mechanism
@@ -123,15 +133,31 @@ class UpdateNoise(Defense):
         norm = global_norm(update, 2.0)
         if self.clip_norm > 0:
             update, _ = clip_update(update, self.clip_norm, p=2.0 if self.mechanism == "gaussian" else 1.0)
-        gen = seeded_generator(self.seed, ctx.server_round, ctx.partition_id) if self.seed is not None else None
+        if self.seed is not None:  # reproducible from the config: the server can replay it
+            gen = seeded_generator(self.seed, ctx.server_round, ctx.partition_id)
+        else:
+            gen = private_generator("update_noise", ctx.server_round, ctx.partition_id)
         noise = self.noise_like(update, gen)
         out = {k: update[k] + noise[k] for k in update}
         ctx.metrics.update({"update_norm": norm, "update_noise_std": self.scale * (math.sqrt(2) if self.mechanism == "laplace" else 1.0),
-                            "update_noise_formal": float(self.formal), "epsilon": self._account(ctx)})
+                            "update_noise_formal": float(self.formal), "update_noise_secret": float(self.seed is None),
+                            "epsilon": self._account(ctx)})
         return out
 
+    def setup(self, ctx: ClientContext) -> None:
+        """Refuse the round when it would take epsilon past ``max_epsilon``."""
+        if self.max_epsilon is None:
+            return
+        after = self._account_state(dict(ctx.state.get(self.STATE_KEY, {})))  # a copy: nothing is spent yet
+        if after > self.max_epsilon:
+            ctx.refuse(f"update_noise budget: epsilon would reach {after:.3g} > max_epsilon={self.max_epsilon:g}")
+            ctx.metrics["privacy_budget_exhausted"] = 1.0
+
     def _account(self, ctx: ClientContext) -> float:
-        state = ctx.state.setdefault(self.STATE_KEY, {})
+        return self._account_state(ctx.state.setdefault(self.STATE_KEY, {}))
+
+    def _account_state(self, state: dict) -> float:
+        """Record one round in ``state`` (in place) and return the epsilon so far."""
         if not self.formal:
             state["unbounded_rounds"] = state.get("unbounded_rounds", 0) + 1
             return math.inf

@@ -24,6 +24,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 CONFIG_KEY = "fedprobe-config"
 STATE_KEY = "fedprobe-client-state"
+RESTORE_KEY = "fedprobe-restore-state"  # config: the server's copy of this client's ledger, sent after --resume
+REPORT_KEY = "privacy-state"  # meta: the client's accounting state, reported every round
 
 
 class InjectedClientFailure(RuntimeError):
@@ -53,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
 
     state_record = context.state.get(STATE_KEY)
     client_state = json.loads(str(state_record["json"])) if state_record is not None else {}
+    if not client_state and RESTORE_KEY in cfg_record:  # a resumed run: this process lost the ledger, the server kept it
+        client_state = json.loads(str(cfg_record[RESTORE_KEY]))
     result = train_client(
         cfg, pid, from_record(msg.content["arrays"]), server_round, client_state,
         record_oracle=bool(cfg_record.get("record-oracle", False)),
@@ -62,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": to_record(result.state),
         "metrics": MetricRecord(result.metrics),
-        "meta": ConfigRecord({k: v for k, v in result.meta.items()}),
+        "meta": ConfigRecord({**{k: v for k, v in result.meta.items()},
+                              REPORT_KEY: json.dumps(result.client_state, sort_keys=True)}),
     })
     if result.shared:  # what the client mode shares with the server beyond its update (attention maps)
         content["shared"] = to_record(result.shared)

@@ -108,6 +108,13 @@ class DefenseConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class AuditConfig(_Section):
+    name: str = Field("none", description="privacy audit (fedprobe list): an epsilon lower bound beside the accountant's")
+    params: dict[str, Any] = Field(default_factory=dict)
+    clients: list[int] = Field(default_factory=lambda: [0], description="partitions that carry canaries")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the lower bound (Bonferroni over guess counts)")
+
+
 class TrackingConfig(_Section):
     uri: str = Field("", description="MLflow tracking URI; empty means sqlite:///mlflow.db in the working directory")
     experiment: str = Field("fedprobe", description="MLflow experiment name")
@@ -124,6 +131,7 @@ class Config(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     defenses: list[DefenseConfig] = Field(default_factory=list)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from fl.registry import Registry, RegistryError
 def registries() -> dict[str, Registry[Any]]:
     """kind -> registry, after importing the packages that register built-ins."""
     from attacks.base import ATTACKS
+    from defenses.audit import AUDITS
     from defenses.base import DEFENSES
     from fl.data import DATASETS
     from models import MODELS
@@ -21,7 +22,7 @@ def registries() -> dict[str, Registry[Any]]:
     for pkg in ("attacks", "defenses", "fl.faults", "optimizers", "models", "models.attention", "fl.data"):
         importlib.import_module(pkg)
     return {"dataset": DATASETS, "model": MODELS, "attention": ATTENTION, "optimizer": OPTIMIZERS,
-            "attack": ATTACKS, "defense": DEFENSES}
+            "attack": ATTACKS, "defense": DEFENSES, "audit": AUDITS}
 
 
 def check_names(cfg: Config) -> None:
@@ -32,6 +33,8 @@ def check_names(cfg: Config) -> None:
     if cfg.attack.name not in ("", "none"):
         checks.append(("attack.name", "attack", cfg.attack.name))
     checks += [(f"defenses.{i}.name", "defense", d.name) for i, d in enumerate(cfg.defenses)]
+    if cfg.audit.name not in ("", "none"):
+        checks.append(("audit.name", "audit", cfg.audit.name))
     for key, kind, name in checks:
         try:
             regs[kind].get(name)
@@ -52,6 +55,17 @@ def preflight(cfg: Config) -> None:
             ATTACKS.create(cfg.attack.name, **cfg.attack.params)
         except (TypeError, ValueError, RegistryError) as exc:
             raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
+    if cfg.audit.name not in ("", "none"):
+        from fl.training import build_audit
+
+        bad = [c for c in cfg.audit.clients if not 0 <= c < cfg.federation.num_clients]
+        if bad or not cfg.audit.clients:
+            raise ConfigError(f"audit.clients must name partitions 0..{cfg.federation.num_clients - 1}, got "
+                              f"{cfg.audit.clients}")
+        try:
+            build_audit(cfg)
+        except (TypeError, ValueError, RegistryError) as exc:
+            raise ConfigError(f"audit ({cfg.audit.name!r}): {exc}".replace("\n", " ")) from None
     try:
         data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
         build_model(cfg.model, data.task, seed=cfg.experiment.seed)

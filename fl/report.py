@@ -99,7 +99,11 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
         if r.get("status") == "FINISHED":
             groups.setdefault(_series_key(r), []).append(r)
     colors = {label: f"C{i}" for i, label in enumerate(groups)}
-    fig, axes = plt.subplots(len(attacks), 3, figsize=(16, 4.4 * len(attacks)), squeeze=False)
+    audited = [r for r in rows if r.get("status") == "FINISHED" and "audit_epsilon_lower" in r]
+    n_rows = len(attacks) + (1 if audited else 0)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(16, 4.4 * n_rows), squeeze=False)
+    if audited:
+        _plot_bounds(axes[-1], audited, eps_inf)
     for row_axes, attack in zip(axes, attacks):
         members_with = {k: [r for r in v if attack is None or attack in r] for k, v in groups.items()}
         panels = [("epsilon", utility), ("epsilon", attack), (attack, utility)]
@@ -134,11 +138,35 @@ def plot(rows: list[dict[str, Any]], title: str) -> bytes:
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 / len(attacks), 1, 0.96))
+    fig.tight_layout(rect=(0, 0.06 / n_rows, 1, 0.96))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plot_bounds(row_axes: Any, rows: list[dict[str, Any]], eps_inf: float) -> None:
+    """Audit lower bound and accountant upper bound of each point on one epsilon axis (the diagonal is tight)."""
+    ax = row_axes[0]
+    for other in row_axes[1:]:
+        other.set_axis_off()
+    pts = sorted((r["epsilon"] if math.isfinite(r["epsilon"]) else eps_inf, r["audit_epsilon_lower"]) for r in rows
+                 if "epsilon" in r)
+    if not pts:
+        ax.set_axis_off()
+        return
+    xs = [p[0] for p in pts]
+    ax.vlines(xs, [max(p[1], 1e-3) for p in pts], xs, color="grey", lw=1, alpha=0.6)
+    ax.plot(xs, xs, "v", color="C3", label="accountant ε (upper bound)")
+    ax.plot(xs, [max(p[1], 1e-3) for p in pts], "^", color="C2", label="audit ε (one-run lower bound, 95 %)")
+    lim = (min(min(xs), min(max(p[1], 1e-3) for p in pts)) / 2, eps_inf * 1.5)
+    ax.plot(lim, lim, ls=":", color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("accountant ε of the point")
+    ax.set_ylabel("ε: upper (accountant) and lower (audit)")
+    ax.set_title("how tight is ε? (gap = what the audit cannot confirm)", fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def _fmt(v: Any, column: str = "") -> str:
@@ -194,7 +222,8 @@ def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") 
         raise ReportError(f"parent run {parent.info.run_id} has no child runs to report")
     out = Path(out_dir or Path("fedprobe-output") / "reports" / name)
     out.mkdir(parents=True, exist_ok=True)
-    metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "central_epsilon", "cp_tau",
+    metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "audit_epsilon_lower",
+                               "central_epsilon", "cp_tau",
                                *ATTACK_SUCCESS) if any(c in r for r in rows)]
     columns = ["name", "status", *swept, *metric_cols, "run_id"]
     png = plot(rows, f"{name}: privacy vs utility")

@@ -45,6 +45,12 @@ class RunOptions:
     resume_run_id: str = ""
     parent_run_id: str = ""  # attach as a child run (sweeps)
     run_name: str = ""
+    on_start: Any = None  # called with the MLflow run id once it is known (fedprobe run keeps the client secret)
+    stop_after_round: int = 0  # testing: stop as if killed right after this round's checkpoint (0 = never)
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped after a checkpoint, as a kill would (``RunOptions.stop_after_round``)."""
 
 
 def _tags(cfg: Config) -> dict[str, str]:
@@ -81,16 +87,17 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     history: list[dict[str, float]] = []
     events: list[str] = []
     ckpt_path = _checkpoint_path(cfg, tracker.run_id)
+    if options.on_start is not None:
+        options.on_start(tracker.run_id)
+    hook_state: dict[str, Any] = {}
     if options.resume_run_id:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"no checkpoint for run {tracker.run_id} at {ckpt_path}; cannot resume")
         ckpt = torch.load(ckpt_path, weights_only=False)
         global_state, start_round, history = ckpt["global_state"], ckpt["round"] + 1, ckpt["history"]
+        events = list(ckpt.get("events", []))
+        hook_state = ckpt.get("hook", {})  # the clients' privacy ledgers, handed back as each is next sampled
         log.warning("resuming run %s after round %d", tracker.run_id, ckpt["round"])
-        if any(d.name in ("dp_sgd", "update_noise") for d in cfg.defenses):
-            events.append(f"resumed after round {ckpt['round']}: client privacy ledgers live in the clients and were "
-                          "lost with the killed run, so epsilon from now on counts only the rounds after the resume")
-            log.warning(events[-1])
     else:
         tracker.log_params(cfg.to_dict())
         tracker.log_params({"model.trainable_parameters": trainable, "model.total_parameters": total})
@@ -111,6 +118,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
         hook = ServerHook(cfg, task, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed), roster,
                           artifact_dir, decode=data.decode, label_prior=data.label_prior(),
                           image_prior=data.image_prior())
+        hook.restore(hook_state)
         cfg_json = cfg.to_json()
 
         if start_round == 1:
@@ -127,6 +135,11 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             for line in report.events:
                 log.warning(line)
                 events.append(line)
+            if not report.accepted and report.out_of_budget and len(report.out_of_budget) == len(messages):
+                events.append(f"round {rnd}: every sampled client's privacy budget is spent; the run stops after "
+                              f"round {rnd - 1}")
+                log.warning(events[-1])
+                break
             if len(report.accepted) < cfg.federation.min_replies:
                 raise RoundFailed(f"round {rnd}: {len(report.accepted)} valid replies, fewer than "
                                   f"federation.min_replies={cfg.federation.min_replies}")
@@ -145,8 +158,11 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             _log_attack_rows(tracker, report.attack_rows, rnd)
             history.append({"round": rnd, **metrics})
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"round": rnd, "global_state": global_state, "history": history, "config": cfg.to_dict()}, ckpt_path)
+            torch.save({"round": rnd, "global_state": global_state, "history": history, "config": cfg.to_dict(),
+                        "hook": hook.checkpoint_state(), "events": events}, ckpt_path)
             bar.update(1)
+            if options.stop_after_round == rnd:
+                raise RunInterrupted(f"stopped after round {rnd} (stop_after_round)")
             bar.set_postfix(loss=f"{metrics.get('train_loss', math.nan):.3f}", acc=f"{metrics.get('accuracy', math.nan):.3f}")
         bar.close()
         if cfg.tracking.log_model:

@@ -2,7 +2,9 @@
 
 For each round it (1) rejects failed and invalid replies (NaN/Inf, wrong names,
 shapes or dtypes) with a logged reason, (2) strips the simulation-only ground
-truth a targeted client attached, (3) runs the configured attack on what the
+truth a targeted client attached, (3) keeps every client's reported privacy ledger (checkpointed
+with the round, handed back to the client after ``--resume``) and sets aside replies of clients
+whose budget is spent, (4) runs the configured attack on what the
 server saw from each victim, and scores it against that ground truth. The attack
 sees the update as it left the client (after the client's defenses, before any
 server-side defense). Malicious attacks may also change the model sent to victims
@@ -11,6 +13,7 @@ server-side defense). Malicious attacks may also change the model sent to victim
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -25,6 +28,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 import attacks  # noqa: F401  (registers built-in attacks)
 from attacks.base import ATTACKS, Attack, Observation
 from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
+from fl.client_app import REPORT_KEY, RESTORE_KEY
 from fl.config import Config
 from models.tasks import TaskSpec
 
@@ -37,6 +41,7 @@ class RoundReport:
     metrics: dict[str, float] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)  # one line per failure / rejection
     attack_rows: list[dict[str, Any]] = field(default_factory=list)  # per-victim scores
+    out_of_budget: list[int] = field(default_factory=list)  # partitions that refused: privacy budget spent
 
 
 def short_reason(reason: str, limit: int = 300) -> str:
@@ -65,7 +70,26 @@ class ServerHook:
         self.artifact_dir = artifact_dir
         self.decode = decode
         self.attack = build_attack(cfg)
+        from fl.training import build_audit
+
+        self.audit = build_audit(cfg)
         self.privacy_by_client: dict[int, dict[str, float]] = {}  # latest epsilon-like metrics per partition
+        self.client_states: dict[int, dict[str, Any]] = {}  # latest reported accounting state per partition
+        self._restore: set[int] = set()  # partitions whose state must be handed back (after --resume)
+
+    # what survives a kill -------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"privacy_by_client": self.privacy_by_client, "client_states": self.client_states,
+                "audit": self.audit.checkpoint_state() if self.audit is not None else {}}
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """Resume: the ledgers come back from the checkpoint and go to each client the next time it is sampled."""
+        saved = saved or {}
+        self.privacy_by_client = {int(k): dict(v) for k, v in saved.get("privacy_by_client", {}).items()}
+        self.client_states = {int(k): dict(v) for k, v in saved.get("client_states", {}).items()}
+        self._restore = {pid for pid, st in self.client_states.items() if st}
+        if self.audit is not None:
+            self.audit.restore(saved.get("audit", {}))
 
     # which clients/rounds the attack targets ---------------------------------------
     def targets(self, server_round: int, partition_id: int) -> bool:
@@ -81,14 +105,21 @@ class ServerHook:
         out = []
         for msg in messages:
             pid = self.roster[msg.metadata.dst_node_id]
-            if not self.targets(server_round, pid):
+            targeted = self.targets(server_round, pid)
+            if not targeted and pid not in self._restore:
                 out.append(msg)
                 continue
             content = RecordDict(dict(msg.content.items()))
+            config = ConfigRecord(dict(content["config"].items()))
+            if pid in self._restore:
+                config[RESTORE_KEY] = json.dumps(self.client_states[pid], sort_keys=True)
+                self._restore.discard(pid)
+            content["config"] = config
+            if not targeted:
+                out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id))
+                continue
             if self.attack is not None and self.attack.reconstructs:
-                config = ConfigRecord(dict(content["config"].items()))
                 config["record-oracle"] = True
-                content["config"] = config
             if self.attack is not None and self.attack.threat_model == "malicious":
                 crafted = self.attack.craft(from_record(content["arrays"]), server_round, pid)
                 content["arrays"] = to_record(crafted)
@@ -112,6 +143,9 @@ class ServerHook:
                 report.events.append(f"round {server_round}: client {pid} failed: {short_reason(reply.error.reason)}")
                 continue
             content = reply.content
+            self._keep_ledger(pid, content)
+            if self._refused(server_round, pid, content, report):
+                continue
             oracle = from_record(content["oracle"]) if "oracle" in content else None
             shared = from_record(content["shared"]) if "shared" in content else {}
             for extra in ("oracle", "shared"):  # neither may reach aggregation
@@ -126,6 +160,10 @@ class ServerHook:
                 continue
             bytes_up += record_nbytes(content["arrays"])
             report.accepted.append(reply)
+            if self.audit is not None and pid in self.audit.clients:  # the server's test statistic, nothing else
+                sent_msg = sent_by_node.get(node)
+                self.audit.observe(server_round, pid, from_record(sent_msg.content["arrays"]) if sent_msg else sent,
+                                   received)
             for rec in content.metric_records.values():
                 latest = {k: float(v) for k, v in rec.items() if k.endswith("epsilon") and isinstance(v, (int, float))}
                 if latest:
@@ -146,15 +184,42 @@ class ServerHook:
                                          f"failed: {type(exc).__name__}: {exc}")
         report.metrics.update({
             "clients_sampled": float(len(messages)), "clients_replied": float(len(report.accepted)),
+            "clients_out_of_budget": float(len(report.out_of_budget)),
             "clients_failed": float(failed), "clients_rejected": float(rejected),
             "bytes_down": float(bytes_down), "bytes_up": float(bytes_up), "bytes_exchanged": float(bytes_down + bytes_up),
         })
         report.metrics.update(self._privacy_summary())
+        if self.audit is not None:  # out of band: the auditor scores the server's guesses
+            report.metrics.update({f"audit_{k}": float(v) for k, v in self.audit.result().items()})
         for key in sorted({k for row in report.attack_rows for k in row if k.startswith("attack_")}):
             values = [row[key] for row in report.attack_rows if key in row and np.isfinite(row[key])]
             if values:
                 report.metrics[key] = float(np.mean(values))
         return report
+
+    def _keep_ledger(self, pid: int, content: RecordDict) -> None:
+        meta = content.config_records.get("meta")
+        if meta is None or REPORT_KEY not in meta:
+            return
+        try:
+            state = json.loads(str(meta[REPORT_KEY]))
+        except ValueError:
+            return
+        if isinstance(state, dict) and state:
+            self.client_states[pid] = state
+
+    def _refused(self, server_round: int, pid: int, content: RecordDict, report: RoundReport) -> bool:
+        """A client whose privacy budget is spent trained nothing: its reply is set aside, not aggregated."""
+        metrics = content.metric_records.get("metrics")
+        if metrics is None or float(metrics.get("privacy_budget_exhausted", 0.0)) != 1.0:
+            return False
+        report.out_of_budget.append(pid)
+        reason = str(content["meta"].get("refused", "privacy budget spent")) if "meta" in content else ""
+        report.events.append(f"round {server_round}: client {pid} refused to train: {reason}")
+        eps = metrics.get("epsilon")
+        if isinstance(eps, (int, float)):
+            self.privacy_by_client.setdefault(pid, {})["epsilon"] = float(eps)
+        return True
 
     def _privacy_summary(self) -> dict[str, float]:
         """epsilon (and any *epsilon metric) as the max over every client so far, and its mean."""

@@ -7,14 +7,23 @@
 thread of this process and the ClientApps in Ray actors with the client
 resources of ``[federation]``. ``flwr run .`` works as well (pyproject's
 ``[tool.flwr.app]``).
+
+The clients' secret (:mod:`defenses.randomness`, the key of every DP noise draw) reaches
+the client processes through the environment Ray's workers inherit (Flower fixes Ray's
+``runtime_env``): it is set in this process only while the simulation runs, and is never in
+the config, a Flower message or a log; no server-side code reads it. Unless ``FEDPROBE_CLIENT_SECRET`` is set by
+the user, each run gets a fresh one, kept (mode 0600) in
+``<output_dir>/client-secrets/<run_id>.key`` so that ``--resume`` continues with the same.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+from defenses.randomness import SECRET_ENV, new_secret
 from fl.config import Config
 from fl.server_app import RunOptions, run_federation
 
@@ -26,6 +35,34 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 class SimulationError(RuntimeError):
     """The federated run failed; the message says why (the MLflow run keeps what was logged)."""
+
+
+def _secret_path(cfg: Config, run_id: str) -> Path:
+    return Path(cfg.tracking.output_dir) / "client-secrets" / f"{run_id}.key"
+
+
+def client_secret_for(cfg: Config, options: RunOptions) -> tuple[str, bool]:
+    """(secret, chosen by the user): the user's ``FEDPROBE_CLIENT_SECRET``, the resumed run's, or a fresh one."""
+    user = os.environ.get(SECRET_ENV, "")
+    if user:
+        return user, True
+    if options.resume_run_id:
+        path = _secret_path(cfg, options.resume_run_id)
+        if path.is_file():
+            return path.read_text().strip(), False
+    return new_secret(), False
+
+
+def _keep_secret(cfg: Config, secret: str) -> Any:
+    def keep(run_id: str) -> None:
+        path = _secret_path(cfg, run_id)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+    return keep
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
@@ -68,6 +105,16 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
     from fl.client_app import app as client_app
 
     options = options or RunOptions()
+    secret, by_user = client_secret_for(cfg, options)
+    if not by_user:
+        previous = options.on_start
+
+        def on_start(run_id: str) -> None:
+            _keep_secret(cfg, secret)(run_id)
+            if previous is not None:
+                previous(run_id)
+
+        options.on_start = on_start
     holder: dict[str, Any] = {}
     server_app = ServerApp()
 
@@ -78,7 +125,15 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
         except BaseException as exc:  # reported by the caller, not as a thread traceback
             holder["error"] = exc
 
-    run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
+    previous_secret = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = secret  # inherited by Ray's worker processes (the clients)
+    try:
+        run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
+    finally:
+        if previous_secret is None:
+            os.environ.pop(SECRET_ENV, None)
+        else:
+            os.environ[SECRET_ENV] = previous_secret
     if "error" in holder:
         exc = holder["error"]
         raise SimulationError(f"{type(exc).__name__}: {exc}") from exc

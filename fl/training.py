@@ -48,6 +48,21 @@ def build_defenses(cfg: Config) -> list[Defense]:
     return [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
 
 
+def build_audit(cfg: Config) -> Any:
+    """The configured audit (``[audit]``), bound to the run's public facts; None when there is none."""
+    if cfg.audit.name in ("", "none"):
+        return None
+    from defenses.audit import AUDITS
+
+    import defenses  # noqa: F401  (registers built-in audits)
+
+    audit = AUDITS.create(cfg.audit.name, **cfg.audit.params)
+    dp = next((d.params for d in cfg.defenses if d.name == "dp_sgd"), {})
+    audit.bind(seed=cfg.experiment.seed, clients=cfg.audit.clients, delta=float(dp.get("delta", 1e-5)),
+               confidence=cfg.audit.confidence, defenses=[d.model_dump(mode="json") for d in cfg.defenses])
+    return audit
+
+
 @dataclass
 class ClientResult:
     state: dict[str, torch.Tensor]  # trainable parameters to send (global + defended update)
@@ -105,6 +120,11 @@ def train_client(
     defenses = build_defenses(cfg)
     for d in defenses:
         d.setup(ctx)
+        if ctx.refused:  # a spent privacy budget: no training, nothing to aggregate
+            return _refusal(ctx, global_state, partition_id, len(train_ds))
+    audit = build_audit(cfg)
+    if audit is not None and partition_id in audit.clients:
+        audit.client_setup(ctx)  # plants this round's canaries (after dp_sgd made the optimizer private)
 
     losses: list[float] = []
     oracle: list[dict[str, torch.Tensor]] = []
@@ -160,6 +180,16 @@ def train_client(
         oracle_batch["attention_input"] = attention_input.cpu()
     return ClientResult(state=sent, metrics=metrics, meta=meta, client_state=ctx.state, oracle=oracle_batch,
                         shared=shared)
+
+
+def _refusal(ctx: ClientContext, global_state: dict[str, torch.Tensor], partition_id: int,
+             num_examples: int) -> ClientResult:
+    """The reply of a client that refused the round: the global model back, flagged so it is not aggregated."""
+    metrics = {"num-examples": float(num_examples), "uniform-weight": 1.0, "local_steps": 0.0,
+               "privacy_budget_exhausted": 1.0}
+    metrics.update({k: float(v) for k, v in ctx.metrics.items()})
+    meta = {"partition_id": partition_id, "refused": ctx.refused, "model_mode": "train"}
+    return ClientResult(state=dict(global_state), metrics=metrics, meta=meta, client_state=ctx.state)
 
 
 def _apply_update(global_state: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

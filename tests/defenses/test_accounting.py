@@ -85,3 +85,37 @@ def test_noise_multiplier_for_reaches_target():
 def test_bad_values_give_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- the second accountant family: Google's dp-accounting (PLD) ---------------------------------------------
+@pytest.mark.parametrize("history", [
+    [(1.0, 1 / 130, 390)],                     # the flagship's Poisson DP-SGD, 3 epochs
+    [(0.5, 1.0, 1)],                           # one pass of fixed-size batches (no amplification)
+    [(1.2, 0.25, 12), (0.8, 0.25, 4)],         # a ledger whose noise changed between rounds
+    [(2.0, 1.0, 3), (1.1, 0.01, 200)],         # update noise then DP-SGD
+])
+def test_pld_agrees_with_opacus_prv_and_is_below_rdp(history):
+    """Same histories, two libraries: PLD and PRV are both numerically tight, RDP is an upper bound above them."""
+    pld = epsilon_of_history(history, 1e-5, "pld")
+    prv = epsilon_of_history(history, 1e-5, "prv")
+    rdp = epsilon_of_history(history, 1e-5, "rdp")
+    assert pld == pytest.approx(prv, rel=0.03)
+    assert pld <= rdp * 1.001
+
+
+def test_pld_gaussian_matches_the_closed_form():
+    """One Gaussian release (q = 1): delta(eps) = Phi(-eps z + 1/(2z)) - e^eps Phi(-eps z - 1/(2z)) (Balle & Wang 2018)."""
+    from scipy.stats import norm
+
+    z = 1.5
+    eps = epsilon_of_history([(z, 1.0, 1)], 1e-5, "pld")
+    delta = norm.cdf(-eps * z + 1 / (2 * z)) - math.exp(eps) * norm.cdf(-eps * z - 1 / (2 * z))
+    assert delta == pytest.approx(1e-5, rel=0.02)
+
+
+def test_pld_ledger_and_calibration():
+    ledger = PrivacyLedger(accountant="pld")
+    ledger.record(1.0, 0.1, 20)
+    assert PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())), "pld").epsilon(1e-5) == ledger.epsilon(1e-5)
+    z = noise_multiplier_for(3.0, 1e-5, 0.1, 20, "pld")
+    assert epsilon(z, 0.1, 20, 1e-5, "pld") <= 3.0 < epsilon(z - 0.02, 0.1, 20, 1e-5, "pld")

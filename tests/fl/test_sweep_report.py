@@ -112,3 +112,16 @@ base = "base.toml"
     assert (out / "report.html").read_text().count("<tr>") == 3
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/privacy_utility.png", "report/points.csv"} <= arts
+
+
+def test_plot_puts_audit_lower_and_accountant_upper_bound_on_one_axis(tmp_path):
+    from PIL import Image
+    import io
+
+    rows = [{"name": f"p{i}", "status": "FINISHED", "epsilon": e, "audit_epsilon_lower": lb, "accuracy": 0.5 + i / 10,
+             "run_id": f"r{i}", "fedprobe.dataset": "digits", "fedprobe.model": "vit-tiny", "attack": "none"}
+            for i, (e, lb) in enumerate([(2.2, 0.4), (8.6, 2.5), (float("inf"), 3.3)])]
+    plain = Image.open(io.BytesIO(plot([{k: v for k, v in r.items() if k != "audit_epsilon_lower"} for r in rows], "t")))
+    audited = Image.open(io.BytesIO(plot(rows, "t")))
+    assert audited.size[1] > plain.size[1]  # one more row of panels: the bounds
+    (tmp_path / "bounds.png").write_bytes(plot(rows, "t"))

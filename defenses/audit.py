@@ -1,0 +1,79 @@
+"""The audit plugin contract: an empirical epsilon lower bound beside the accountant's upper bound.
+
+An audit has three parts, kept apart as attacks and their ground truth are:
+
+* **client side** (:meth:`Audit.client_setup`, inside the canary clients' training round):
+  plants canaries, decides from the client's private randomness which are included;
+* **server side** (:meth:`Audit.observe`, :meth:`Audit.scores`): a test statistic per canary
+  from what the server sees, the updates of the canary clients; it gets nothing else;
+* **out of band** (:meth:`Audit.included`, :meth:`Audit.result`): the auditor who planted the
+  canaries knows which were included (it holds the clients' secret, see
+  :mod:`defenses.randomness`) and turns the server's guesses into the one-run lower bound
+  (:mod:`defenses.audit_bound`). The inclusion bits are never in a Flower message.
+
+``[audit]`` in the config names a registered audit (``fedprobe list``), its ``params``, the
+partitions that carry canaries (``clients``) and the ``confidence`` of the bound. The run logs
+``audit_epsilon_lower`` beside ``epsilon`` every round (the bound over every round so far) and at
+the end, with ``audit_canaries``, ``audit_guesses`` and ``audit_correct``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from defenses.base import ClientContext
+from fl.registry import Registry
+
+AUDITS: Registry[type["Audit"]] = Registry("audit", entry_point_group="fedprobe.audits")
+
+
+class Audit:
+    """Base class: every hook is a no-op; an audit overrides what it needs."""
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise TypeError(f"unexpected parameters {sorted(params)}")
+
+    def bind(self, *, seed: int, clients: list[int], delta: float, confidence: float, defenses: list[Any]) -> None:
+        """Public facts of the run (experiment seed, canary partitions, the defenses' delta); called on both sides."""
+        self.seed, self.clients, self.delta, self.confidence = seed, list(clients), float(delta), float(confidence)
+        self.defenses = defenses
+
+    # client side ---------------------------------------------------------------------
+    def client_setup(self, ctx: ClientContext) -> None:
+        """After the defenses' setup, in a canary client: plant this round's canaries."""
+
+    # server side ---------------------------------------------------------------------
+    def observe(self, server_round: int, partition_id: int, sent: dict[str, torch.Tensor],
+                received: dict[str, torch.Tensor]) -> None:
+        """One canary client's reply as the server saw it (global model sent, model received)."""
+
+    def scores(self) -> dict[int, Any]:
+        """partition -> per-canary test statistic (higher: more likely included)."""
+        return {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What the server side must keep across a kill (checkpointed with the round)."""
+        return {}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Back from :meth:`checkpoint_state` on ``--resume``."""
+
+    # out of band ---------------------------------------------------------------------
+    def included(self, partition_id: int) -> Any:
+        """Which of the partition's canaries were included (the auditor's ground truth)."""
+        raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        """The lower bound from every canary scored so far (``epsilon_lower``, ``canaries``, ...)."""
+        from defenses.audit_bound import best_guess_bound
+        import numpy as np
+
+        scores = self.scores()
+        if not scores:
+            return {}
+        s = np.concatenate([np.asarray(scores[p], dtype=float) for p in sorted(scores)])
+        b = np.concatenate([np.asarray(self.included(p), dtype=bool) for p in sorted(scores)])
+        return best_guess_bound(s, b, self.delta, self.confidence)

@@ -1,0 +1,89 @@
+"""The one-run epsilon lower bound of Steinke, Nasr and Jagielski (NeurIPS 2023).
+
+Setting: m canaries, each included independently with probability 1/2; after the run the
+auditor guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are
+right. If the mechanism is (eps, delta)-DP with respect to each canary, their main theorem in
+its (eps, delta) form with abstentions bounds the chance of v or more correct guesses by
+
+    p(eps, delta) = P[Bin(r, q) >= v] + 2 m delta * max_{1<=i<=v} P[v - i <= Bin(r, q) < v] / i,
+    q = e^eps / (1 + e^eps)
+
+(the expression of their Appendix D). The lower bound at confidence 1 - beta is the largest eps
+whose p-value is still below beta: observing v correct guesses would be less likely than beta
+under any smaller eps. Written here from the paper's formula (no maintained library ships it
+without a training framework: jax_privacy's needs JAX, privacy-meter its own trainer).
+
+Choosing the number of guesses after seeing the scores is a multiple test: :func:`best_guess_bound`
+tries a fixed grid of guess counts and splits beta over it (Bonferroni), so the reported bound keeps
+its stated confidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+GUESS_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # of m, guessed "in" and as many "out"
+
+
+def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """P[>= v correct of r guesses] under (eps, delta)-DP (Steinke et al. 2023, the expression of App. D)."""
+    from scipy.stats import binom
+
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
+    q = 1.0 / (1.0 + math.exp(-eps))
+    tail = float(binom.sf(v - 1, r, q))
+    if v == 0 or delta == 0:
+        return min(1.0, tail)
+    i = np.arange(1, v + 1)
+    window = np.cumsum(binom.pmf(v - i, r, q))  # P[v - i <= Bin < v] for i = 1..v
+    return min(1.0, tail + 2 * m * delta * float(np.max(window / i)))
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05) -> float:
+    """Largest eps with p_value(eps) < beta (0 when even eps = 0 explains the guesses)."""
+    if not 0 < beta < 1:
+        raise ValueError(f"beta (1 - confidence) must be in (0, 1), got {beta!r}")
+    if r == 0 or p_value(m, r, v, 0.0, delta) >= beta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value(m, r, v, hi, delta) < beta:
+        lo, hi = hi, hi * 2
+        if hi > 1e3:
+            return lo
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if p_value(m, r, v, mid, delta) < beta:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def best_guess_bound(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = 0.95,
+                     fractions: Sequence[float] = GUESS_FRACTIONS) -> dict[str, float]:
+    """Guess "in" for the k highest scores and "out" for the k lowest, for each k of the grid; the best bound.
+
+    Returns ``epsilon_lower``, ``canaries`` (m), ``guesses`` (r) and ``correct`` (v) of the best k, and
+    ``confidence``. The grid is fixed in advance and the bound Bonferroni-corrected over it.
+    """
+    s = np.asarray(scores, dtype=float)
+    b = np.asarray(included, dtype=bool)
+    m = len(s)
+    if m != len(b):
+        raise ValueError(f"{m} scores for {len(b)} canaries")
+    best = {"epsilon_lower": 0.0, "canaries": float(m), "guesses": 0.0, "correct": 0.0, "confidence": confidence}
+    ks = sorted({max(1, int(f * m)) for f in fractions if 2 * max(1, int(f * m)) <= m})
+    if m < 2 or not ks:
+        return best
+    order = np.argsort(-s, kind="stable")
+    beta = (1 - confidence) / len(ks)
+    for k in ks:
+        v = int(b[order[:k]].sum() + (~b[order[m - k:]]).sum())
+        eps = epsilon_lower_bound(m, 2 * k, v, delta, beta)
+        if eps > best["epsilon_lower"]:
+            best.update(epsilon_lower=eps, guesses=float(2 * k), correct=float(v))
+    return best

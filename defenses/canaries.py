@@ -1,0 +1,153 @@
+"""Gradient (Dirac) canaries: a white-box audit of client-side DP-SGD by the server that sees every update.
+
+Nasr et al. (USENIX 2023) audit DP-SGD tightly with canaries that exist only as gradients: a
+canary is a record whose clipped gradient is C * e_j, all of its norm on one coordinate j of
+the model. fedprobe's server is exactly their adversary (it sees each client's update), so:
+
+* **client** (a canary partition, inside its DP-SGD round): m canaries on m distinct coordinates,
+  chosen publicly from the experiment seed; canary i is in the client's data with probability
+  1/2, decided once per run from the client's private randomness. An included canary is sampled
+  like any record (Poisson at the loader's rate, or once per pass of fixed-size shuffled
+  batches) and, when sampled, its gradient C * e_j is added to the clipped sum *before* Opacus
+  adds the noise, so the accountant's epsilon covers it as it covers every record.
+* **server**: the statistic of canary i is the drop of its coordinate over every round,
+  sum_r -(received_r - sent_r)[j_i] (a sampled canary moves it by -lr C / B under SGD); the
+  server knows the coordinates and nothing else.
+* **out of band**: the one-run bound of Steinke et al. (2023) from the inclusion bits
+  (:mod:`defenses.audit_bound`).
+
+What the audit assumes: the canaries are records of the client that DP-SGD protects like any
+other; the real data's gradients on the canary coordinates act as extra noise (they loosen the
+bound, never break it); the server sees only the round's update, not each step, so with several
+local steps the bound measures a weaker adversary than the accountant assumes (the accountant's
+epsilon is an upper bound for every adversary, including one that sees each step). An empty
+Poisson batch is skipped by the training loop and takes its canaries with it (probability
+(1 - q)^n per step, negligible for the project's partitions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from defenses.audit import AUDITS, Audit
+from defenses.base import ClientContext
+from defenses.randomness import has_stable_secret, private_generator
+
+
+def _dp_sgd_params(defenses: list[Any]) -> dict[str, Any] | None:
+    for d in defenses:
+        name = d.get("name") if isinstance(d, dict) else getattr(d, "name", "")
+        if name == "dp_sgd":
+            return dict(d.get("params", {}) if isinstance(d, dict) else d.params)
+    return None
+
+
+@AUDITS.register("gradient_canaries")
+class GradientCanaries(Audit):
+    """Dirac gradient canaries in DP-SGD clients (Nasr et al. 2023); one-run epsilon lower bound (Steinke et al. 2023)."""
+
+    def __init__(self, canaries: int = 1000, magnitude: float = 1.0) -> None:
+        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
+            raise ValueError(f"gradient_canaries canaries must be an integer >= 2 (e.g. 1000), got {canaries!r}")
+        if not (isinstance(magnitude, (int, float)) and 0 < magnitude <= 1):
+            raise ValueError(f"gradient_canaries magnitude (a fraction of max_grad_norm) must be in (0, 1], "
+                             f"got {magnitude!r}")
+        self.m = canaries
+        self.magnitude = float(magnitude)
+        self._scores: dict[int, np.ndarray] = {}
+        self._coords: dict[tuple[tuple[str, int], ...], list[tuple[str, int]]] = {}
+
+    def bind(self, **facts: Any) -> None:
+        super().bind(**facts)
+        if _dp_sgd_params(self.defenses) is None:
+            raise ValueError("gradient_canaries audits client-side DP-SGD: add a [[defenses]] entry with "
+                             "name = \"dp_sgd\" (noise_multiplier = 0 audits clipping alone)")
+
+    # public design: which coordinate carries canary i ----------------------------------
+    def coordinates(self, sizes: dict[str, int]) -> list[tuple[str, int]]:
+        """(parameter name, flat index) of every canary; from the experiment seed, known to the server."""
+        key = tuple(sorted(sizes.items()))
+        if key not in self._coords:
+            self._coords[key] = self._draw_coordinates(sizes)
+        return self._coords[key]
+
+    def _draw_coordinates(self, sizes: dict[str, int]) -> list[tuple[str, int]]:
+        names = sorted(sizes)
+        total = sum(sizes[n] for n in names)
+        if total < self.m:
+            raise ValueError(f"gradient_canaries: {self.m} canaries need as many trainable coordinates, "
+                             f"the model has {total}")
+        flat = np.random.default_rng([self.seed, 0xA0D1]).choice(total, size=self.m, replace=False)
+        starts = np.cumsum([0] + [sizes[n] for n in names])
+        where = np.searchsorted(starts, flat, side="right") - 1
+        return [(names[w], int(f - starts[w])) for w, f in zip(where, flat)]
+
+    # out of band: the auditor's ground truth -------------------------------------------
+    def included(self, partition_id: int) -> np.ndarray:
+        if not has_stable_secret():
+            raise RuntimeError("gradient_canaries needs the clients' secret fixed for the run (FEDPROBE_CLIENT_SECRET; "
+                               "fedprobe run sets one); without it the canaries' inclusion changes every round")
+        gen = private_generator("audit-inclusion", partition_id)
+        return (torch.rand(self.m, generator=gen) < 0.5).numpy()
+
+    # client side ----------------------------------------------------------------------
+    def client_setup(self, ctx: ClientContext) -> None:
+        opt = ctx.optimizer
+        if not hasattr(opt, "add_noise") or not hasattr(opt, "max_grad_norm"):
+            raise ValueError("gradient_canaries plants canaries in DP-SGD's clipped sum: dp_sgd must come before "
+                             "it and train this client")
+        if ctx.refused:
+            return
+        params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+        coords = self.coordinates({n: p.numel() for n, p in params.items()})
+        present = torch.from_numpy(self.included(ctx.partition_id))
+        groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in sorted({n for n, _ in coords}):
+            idx = [i for i, (n, _) in enumerate(coords) if n == name]
+            groups[name] = (torch.tensor(idx), torch.tensor([coords[i][1] for i in idx]))
+        poisson = bool(_dp_sgd_params(self.defenses).get("poisson_sampling", True))
+        batches = max(1, len(ctx.loader))
+        value = float(opt.max_grad_norm) * self.magnitude
+        gen = private_generator("audit-sampling", ctx.server_round, ctx.partition_id)
+        original = opt.add_noise
+        step = {"t": 0, "slot": None}
+
+        def add_noise() -> None:
+            t = step["t"]
+            step["t"] += 1
+            if poisson:  # each included canary is sampled like a record: rate 1/len(loader)
+                sampled = torch.rand(self.m, generator=gen) < 1.0 / batches
+            else:  # fixed-size shuffled batches: once per pass, in a step drawn privately
+                if t % batches == 0:
+                    step["slot"] = torch.randint(0, batches, (self.m,), generator=gen)
+                sampled = step["slot"] == t % batches
+            on = present & sampled
+            for name, (which, flat) in groups.items():
+                sel = on[which]
+                if bool(sel.any()):
+                    p = params[name]
+                    grad = p.summed_grad.view(-1)  # [numel]: the clipped per-example sum, before noise
+                    grad.index_add_(0, flat[sel].to(grad.device),
+                                    torch.full((int(sel.sum()),), value, dtype=grad.dtype, device=grad.device))
+            original()
+
+        opt.add_noise = add_noise
+
+    # server side ----------------------------------------------------------------------
+    def observe(self, server_round: int, partition_id: int, sent: dict[str, torch.Tensor],
+                received: dict[str, torch.Tensor]) -> None:
+        coords = self.coordinates({n: v.numel() for n, v in sent.items()})
+        drop = np.array([float(sent[n].reshape(-1)[i] - received[n].reshape(-1)[i]) for n, i in coords])
+        self._scores[partition_id] = self._scores.get(partition_id, np.zeros(self.m)) + drop
+
+    def scores(self) -> dict[int, np.ndarray]:
+        return dict(self._scores)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {str(p): s.tolist() for p, s in self._scores.items()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self._scores = {int(p): np.asarray(s, dtype=float) for p, s in saved.items()}

@@ -1,0 +1,130 @@
+"""The canary audit: the one-run bound's maths, and gradient canaries planted in real DP-SGD rounds.
+
+Soundness checks that could fail: no noise -> a large lower bound; strong noise -> about 0; never
+above the accountant's epsilon beyond the stated confidence (over seeds); same secret -> same bound.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from defenses.accounting import epsilon
+from defenses.audit_bound import best_guess_bound, epsilon_lower_bound, p_value
+from defenses.base import Defense
+from defenses.canaries import GradientCanaries
+from defenses.dp_sgd import DPSGD
+from defenses.randomness import SECRET_ENV
+from tests.defenses.helpers import make_ctx, run_round, tiny
+
+torch.set_num_threads(1)
+
+
+# -- the bound ------------------------------------------------------------------------------------------------
+def test_all_correct_guesses_without_delta_match_the_closed_form():
+    """delta = 0, v = r: p(eps) = q^r, so the bound is the eps with q = beta^(1/r), i.e. log(q / (1 - q))."""
+    r, beta = 50, 0.05
+    q = beta ** (1 / r)
+    assert epsilon_lower_bound(100, r, r, 0.0, beta) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+
+
+def test_p_value_properties():
+    assert p_value(1000, 100, 50, 0.0, 0.0) > 0.5  # half right is what a coin does
+    ps = [p_value(1000, 100, 90, e, 1e-5) for e in (0.5, 1, 2, 4)]
+    assert ps == sorted(ps)  # a larger eps explains more correct guesses
+    assert p_value(1000, 100, 90, 1.0, 1e-3) > p_value(1000, 100, 90, 1.0, 0.0)  # delta only loosens
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0
+
+
+def test_bound_holds_at_its_confidence_on_the_gaussian_mechanism():
+    """Simulated white-box canaries under the Gaussian mechanism of known epsilon, 200 seeds:
+    the bound exceeds the true (PLD) epsilon in at most ~5 % of them (binomial slack)."""
+    z, m, delta = 1.0, 500, 1e-5
+    true_eps = epsilon(z, 1.0, 1, delta, "pld")
+    over, bounds = 0, []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        b = rng.random(m) < 0.5
+        s = b + rng.normal(0, z, m)
+        lb = best_guess_bound(s, b, delta, 0.95)["epsilon_lower"]
+        bounds.append(lb)
+        over += lb > true_eps
+    assert over <= 20  # 5 % of 200 is 10; P[Bin(200, .05) > 20] < 1e-3
+    assert np.median(bounds) > 0.2 * true_eps  # and it is not vacuous
+
+
+# -- gradient canaries in DP-SGD ------------------------------------------------------------------------------
+class _Plant(Defense):
+    """Calls the audit's client hook where fl.training does: after dp_sgd's setup."""
+
+    def __init__(self, audit):
+        self.audit = audit
+
+    def setup(self, ctx):
+        self.audit.client_setup(ctx)
+
+
+def _audit_run(sigma: float, rounds: int = 3, m: int = 300, poisson: bool = False, seed: int = 0):
+    model, task, data = tiny("vit", seed=seed)
+    audit = GradientCanaries(canaries=m)
+    audit.bind(seed=seed, clients=[0], delta=1e-5, confidence=0.95,
+               defenses=[{"name": "dp_sgd", "params": {"poisson_sampling": poisson}}])
+    state: dict = {}
+    for rnd in range(1, rounds + 1):
+        sent = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        ctx = make_ctx(model, task, data, batch_size=16, lr=1.0, state=state, server_round=rnd, local_steps=1)
+        run_round(ctx, [DPSGD(noise_multiplier=sigma, max_grad_norm=1.0, poisson_sampling=poisson), _Plant(audit)])
+        state = ctx.state
+        received = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        audit.observe(rnd, 0, sent, received)  # what the server sees, nothing else
+    return audit, ctx.metrics["epsilon"]
+
+
+def test_canaries_are_planted_as_clipped_records(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "audit test")
+    audit, _ = _audit_run(sigma=0.0, rounds=2)
+    s, b = audit.scores()[0], audit.included(0)
+    assert 0.3 < b.mean() < 0.7
+    # no noise: an included canary's coordinate drops by lr * C / B per round (plus the data's own gradient)
+    gap = s[b].mean() - s[~b].mean()
+    assert gap == pytest.approx(2 * 1.0 * 1.0 / 16, rel=0.2)
+
+
+def test_no_noise_gives_a_large_lower_bound_and_strong_noise_about_zero(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "audit test")
+    clean, eps_clean = _audit_run(sigma=0.0)
+    # every guess right: the most 300 canaries can certify at 95 % (about 3.3; the accountant says inf)
+    assert math.isinf(eps_clean) and clean.result()["epsilon_lower"] > 3
+    noisy, eps_noisy = _audit_run(sigma=30.0)
+    assert noisy.result()["epsilon_lower"] < 0.5 and noisy.result()["epsilon_lower"] <= eps_noisy
+
+
+def test_same_secret_same_bound_and_never_above_the_accountant(monkeypatch):
+    results = []
+    for secret in ("s1", "s1", "s2", "s3", "s4"):
+        monkeypatch.setenv(SECRET_ENV, secret)
+        audit, eps = _audit_run(sigma=0.8)
+        r = audit.result()
+        assert r["epsilon_lower"] <= eps
+        results.append(r)
+    assert results[0] == results[1]  # same config, seed and secret: the same bound, bit for bit
+    assert results[0] != results[2]  # another secret draws other inclusions (the bound is a random variable)
+    assert max(r["epsilon_lower"] for r in results) > 0.3  # sigma 0.8 is detectable
+
+
+def test_poisson_sampled_canaries_also_audit(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "audit test")
+    audit, eps = _audit_run(sigma=0.0, rounds=4, poisson=True)
+    assert 0 < audit.result()["epsilon_lower"] <= eps
+
+
+def test_audit_needs_dp_sgd_and_a_stable_secret(monkeypatch):
+    a = GradientCanaries(canaries=10)
+    with pytest.raises(ValueError, match="add a \\[\\[defenses\\]\\] entry"):
+        a.bind(seed=0, clients=[0], delta=1e-5, confidence=0.95, defenses=[{"name": "clip", "params": {}}])
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="FEDPROBE_CLIENT_SECRET"):
+        a.included(0)
+    with pytest.raises(ValueError, match="integer >= 2"):
+        GradientCanaries(canaries=1)
