@@ -90,7 +90,12 @@ def _pld_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:
     """Google dp-accounting's PLD accountant on the composition of ``hist``."""
     import dp_accounting  # lazy: pulls in absl and scipy
 
-    acc = dp_accounting.pld.PLDAccountant()
+    # The privacy-loss grid grows as 1/z^2: at z = 0.01 the library's default step (1e-4) needs tens of GB.
+    # A step growing as (0.5/z)^2 keeps the grid size bounded; the PLD stays an upper bound (pessimistic
+    # discretisation), looser by at most about the step per composition.
+    z_min = min(z for z, _, _ in hist)
+    interval = 1e-4 * max(1.0, (0.5 / z_min) ** 2)
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=interval)
     for z, q, t in hist:
         event: Any = dp_accounting.GaussianDpEvent(z)
         if q < 1:

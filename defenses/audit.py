@@ -4,8 +4,11 @@ An audit has three parts, kept apart as attacks and their ground truth are:
 
 * **client side** (:meth:`Audit.client_setup`, inside the canary clients' training round):
   plants canaries, decides from the client's private randomness which are included;
-* **server side** (:meth:`Audit.observe`, :meth:`Audit.scores`): a test statistic per canary
-  from what the server sees, the updates of the canary clients; it gets nothing else;
+  client-level audits instead add whole canary *clients* to the aggregation
+  (:meth:`Audit.server_canaries`, called by the central-DP defense before its noise);
+* **server side** (:meth:`Audit.observe`, :meth:`Audit.observe_global`, :meth:`Audit.scores`): a
+  test statistic per canary from what the adversary sees (the canary clients' updates for
+  record-level DP, the global models for central DP); it gets nothing else;
 * **out of band** (:meth:`Audit.included`, :meth:`Audit.result`): the auditor who planted the
   canaries knows which were included (it holds the clients' secret, see
   :mod:`defenses.randomness`) and turns the server's guesses into the one-run lower bound
@@ -36,10 +39,13 @@ class Audit:
         if params:
             raise TypeError(f"unexpected parameters {sorted(params)}")
 
-    def bind(self, *, seed: int, clients: list[int], delta: float, confidence: float, defenses: list[Any]) -> None:
-        """Public facts of the run (experiment seed, canary partitions, the defenses' delta); called on both sides."""
+    def bind(self, *, seed: int, clients: list[int], delta: float, confidence: float, defenses: list[Any],
+             federation: dict[str, Any] | None = None) -> None:
+        """Public facts of the run (experiment seed, canary partitions, the defenses' delta, the federation's
+        sizes); called on both sides."""
         self.seed, self.clients, self.delta, self.confidence = seed, list(clients), float(delta), float(confidence)
         self.defenses = defenses
+        self.federation = dict(federation or {})
 
     # client side ---------------------------------------------------------------------
     def client_setup(self, ctx: ClientContext) -> None:
@@ -49,6 +55,14 @@ class Audit:
     def observe(self, server_round: int, partition_id: int, sent: dict[str, torch.Tensor],
                 received: dict[str, torch.Tensor]) -> None:
         """One canary client's reply as the server saw it (global model sent, model received)."""
+
+    def server_canaries(self, server_round: int, global_state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Client-level audits: this round's canary-client updates, aggregated beside the real ones (central DP)."""
+        return []
+
+    def observe_global(self, server_round: int, before: dict[str, torch.Tensor],
+                       after: dict[str, torch.Tensor]) -> None:
+        """The new global model (client-level audits score what an observer of the global model sees)."""
 
     def scores(self) -> dict[int, Any]:
         """partition -> per-canary test statistic (higher: more likely included)."""

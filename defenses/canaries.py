@@ -1,4 +1,6 @@
-"""Gradient (Dirac) canaries: a white-box audit of client-side DP-SGD by the server that sees every update.
+"""Canaries for the two DP guarantees fedprobe accounts: records under DP-SGD, clients under central DP.
+
+``gradient_canaries`` (record-level): a white-box audit of client-side DP-SGD by the server that sees every update.
 
 Nasr et al. (USENIX 2023) audit DP-SGD tightly with canaries that exist only as gradients: a
 canary is a record whose clipped gradient is C * e_j, all of its norm on one coordinate j of
@@ -23,6 +25,16 @@ local steps the bound measures a weaker adversary than the accountant assumes (t
 epsilon is an upper bound for every adversary, including one that sees each step). An empty
 Poisson batch is skipped by the training loop and takes its canaries with it (probability
 (1 - q)^n per step, negligible for the project's partitions).
+
+``canary_clients`` (client-level, central DP; Andrew et al., ICLR 2024): m canary clients whose update
+is always C * u_i, u_i a random unit direction (public, from the experiment seed; memory m x the
+number of trainable parameters x 4 bytes). Canary i is in the federation with probability 1/2 (private)
+and, when in, is sampled each round at the run's client rate, like a real client; its update joins
+the clipped sum before the central noise, at the fixed denominator m = clients_per_round (DP-FedAvg's
+estimator, sensitivity C / m per client, exactly what the accountant assumes). The adversary is an
+observer of the global models: the statistic is sum_r <u_i, theta_r - theta_{r-1}> (in units of one
+canary's contribution). Andrew et al. estimate epsilon from the cosine distributions; fedprobe turns
+the same statistic into the one-run *bound* of Steinke et al., which holds at its confidence.
 """
 
 from __future__ import annotations
@@ -151,3 +163,77 @@ class GradientCanaries(Audit):
 
     def restore(self, saved: dict[str, Any]) -> None:
         self._scores = {int(p): np.asarray(s, dtype=float) for p, s in saved.items()}
+
+
+def _central_dp_params(defenses: list[Any]) -> dict[str, Any] | None:
+    for d in defenses:
+        name = d.get("name") if isinstance(d, dict) else getattr(d, "name", "")
+        if name == "central_dp":
+            return dict(d.get("params", {}) if isinstance(d, dict) else d.params)
+    return None
+
+
+@AUDITS.register("canary_clients")
+class CanaryClients(Audit):
+    """Random-direction canary clients in central DP (Andrew et al. 2024); one-run client-level lower bound."""
+
+    def __init__(self, canaries: int = 200, magnitude: float = 1.0) -> None:
+        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
+            raise ValueError(f"canary_clients canaries must be an integer >= 2 (e.g. 200), got {canaries!r}")
+        if not (isinstance(magnitude, (int, float)) and 0 < magnitude <= 1):
+            raise ValueError(f"canary_clients magnitude (a fraction of clipping_norm) must be in (0, 1], got {magnitude!r}")
+        self.m = canaries
+        self.magnitude = float(magnitude)
+        self._scores = np.zeros(canaries)
+        self._directions: dict[tuple[tuple[str, tuple[int, ...]], ...], dict[str, torch.Tensor]] = {}
+
+    def bind(self, **facts: Any) -> None:
+        super().bind(**facts)
+        params = _central_dp_params(self.defenses)
+        if params is None:
+            raise ValueError("canary_clients audits central DP: add a [[defenses]] entry with name = \"central_dp\"")
+        self.clip = float(params.get("clipping_norm", 1.0))
+        n = int(self.federation.get("num_clients", 1))
+        self.per_round = int(self.federation.get("clients_per_round") or n)  # m: the fixed denominator
+        self.rate = self.per_round / n if params.get("amplification", True) else 1.0
+        self.clients = [-1]  # the canaries are clients of their own; no real partition carries them
+
+    def directions(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Unit direction of every canary client, [m, numel] per parameter; public (from the experiment seed)."""
+        key = tuple(sorted(shapes.items()))
+        if key not in self._directions:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 0xCA1]).generate_state(1)[0]))
+            raw = {n: torch.randn(self.m, int(np.prod(s)) if s else 1, generator=g) for n, s in sorted(shapes.items())}
+            norm = torch.sqrt(sum((v ** 2).sum(1) for v in raw.values()))  # [m]
+            self._directions[key] = {n: v / norm[:, None] for n, v in raw.items()}
+        return self._directions[key]
+
+    def included(self, partition_id: int = -1) -> np.ndarray:
+        if not has_stable_secret():
+            raise RuntimeError("canary_clients needs the secret fixed for the run (FEDPROBE_CLIENT_SECRET; fedprobe run "
+                               "sets one)")
+        return (torch.rand(self.m, generator=private_generator("audit-canary-clients")) < 0.5).numpy()
+
+    def server_canaries(self, server_round: int, global_state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The sum of this round's participating canary updates (each C * u_i), as one update to add to the sum."""
+        dirs = self.directions({n: tuple(v.shape) for n, v in global_state.items()})
+        sampled = torch.rand(self.m, generator=private_generator("audit-canary-sampling", server_round)) < self.rate
+        on = (torch.from_numpy(self.included()) & sampled).float()  # [m]
+        value = self.clip * self.magnitude
+        return [{n: (value * (on @ d)).reshape(global_state[n].shape).to(global_state[n].dtype) for n, d in dirs.items()}]
+
+    def observe_global(self, server_round: int, before: dict[str, torch.Tensor],
+                       after: dict[str, torch.Tensor]) -> None:
+        dirs = self.directions({n: tuple(v.shape) for n, v in before.items()})
+        proj = sum(d @ (after[n] - before[n]).reshape(-1).float() for n, d in dirs.items())  # [m]: <u_i, delta>
+        self._scores += proj.numpy() * self.per_round / self.clip  # in units of one canary's contribution
+
+    def scores(self) -> dict[int, np.ndarray]:
+        return {-1: self._scores.copy()} if self._scores.any() else {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"-1": self._scores.tolist()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        if "-1" in saved:
+            self._scores = np.asarray(saved["-1"], dtype=float)

@@ -37,12 +37,31 @@ def _federation(config: Any) -> tuple[int, int]:
 
 
 def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, m: int) -> Any:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
     class _Checked(DifferentialPrivacyServerSideFixedClipping):
-        """Flower's wrapper, recording whether the aggregation weights were uniform."""
+        """Flower's wrapper, recording whether the aggregation weights were uniform; audit canaries join the sum."""
 
         uniform_weights = True
+        canaries: Any = None  # an audit with server_canaries (defenses.canaries.CanaryClients)
+        _round = 0
+
+        def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+            if self.canaries is not None:  # canary clients' (norm-C) updates, at the fixed denominator m, before noise
+                import torch
+
+                keys = list(aggregated_arrays.keys())
+                mean = dict(zip(keys, aggregated_arrays.to_numpy_ndarrays()))
+                current = dict(zip(self.current_arrays.keys(), self.current_arrays.to_numpy_ndarrays()))
+                extra = self.canaries.server_canaries(self._round, {k: torch.from_numpy(np.asarray(current[k]))
+                                                                    for k in keys})
+                for upd in extra:
+                    for k in keys:
+                        mean[k] = mean[k] + upd[k].numpy().astype(mean[k].dtype) / self.num_sampled_clients
+                aggregated_arrays = ArrayRecord({k: Array(np.asarray(mean[k])) for k in keys})
+            return super()._add_noise_to_aggregated_arrays(aggregated_arrays)
 
         def aggregate_train(self, server_round: int, replies: Any) -> Any:
             replies = list(replies)
@@ -54,6 +73,7 @@ def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, 
                         if key in rec:
                             weights.append(float(rec[key]))
             self.uniform_weights = len(set(weights)) <= 1
+            self._round = server_round
             # Flower draws the noise from numpy's global RNG, which fedprobe seeds publicly: draw it privately
             with private_numpy_global("central_dp", server_round):
                 return super().aggregate_train(server_round, replies)
@@ -92,6 +112,12 @@ class CentralDP(Defense):
             strategy.weighted_by_key = "uniform-weight"
         self.wrapper = _make_wrapper(strategy, self.noise_multiplier, self.clipping_norm, self.num_sampled)
         return self.wrapper
+
+    def attach_canaries(self, audit: Any) -> None:
+        """A client-level audit's canary clients join every aggregation (before the noise)."""
+        if self.wrapper is None:
+            raise RuntimeError("central_dp: attach_canaries after wrap_strategy")
+        self.wrapper.canaries = audit
 
     def server_metrics(self, server_round: int) -> dict[str, float]:
         """epsilon after ``server_round`` releases (one per completed round; resume-safe)."""

@@ -150,8 +150,11 @@ def _plot_bounds(row_axes: Any, rows: list[dict[str, Any]], eps_inf: float) -> N
     ax = row_axes[0]
     for other in row_axes[1:]:
         other.set_axis_off()
-    pts = sorted((r["epsilon"] if math.isfinite(r["epsilon"]) else eps_inf, r["audit_epsilon_lower"]) for r in rows
-                 if "epsilon" in r)
+    def upper(r: dict[str, Any]) -> float:  # record-level (DP-SGD) or client-level (central DP) accountant
+        e = float(r.get("epsilon", r.get("central_epsilon", math.inf)))
+        return e if math.isfinite(e) else eps_inf
+
+    pts = sorted((upper(r), r["audit_epsilon_lower"]) for r in rows if "epsilon" in r or "central_epsilon" in r)
     if not pts:
         ax.set_axis_off()
         return

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from defenses.audit import Audit
 from fl.arrays import from_record, load_trainable, to_record, trainable_state
 from fl.client_app import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
@@ -119,6 +120,10 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
                           artifact_dir, decode=data.decode, label_prior=data.label_prior(),
                           image_prior=data.image_prior())
         hook.restore(hook_state)
+        for d in server_defenses:  # a client-level audit's canary clients join the central-DP aggregation
+            if hook.audit is not None and hasattr(d, "attach_canaries") and type(hook.audit).server_canaries is not \
+                    Audit.server_canaries:
+                d.attach_canaries(hook.audit)
         cfg_json = cfg.to_json()
 
         if start_round == 1:
@@ -146,11 +151,12 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             arrays, train_metrics = strategy.aggregate_train(rnd, report.accepted)
             if arrays is None:
                 raise RoundFailed(f"round {rnd}: aggregation returned no model")
-            global_state = from_record(arrays)
+            previous_state, global_state = global_state, from_record(arrays)
             load_trainable(model, global_state)
             metrics = {k: float(v) for k, v in (train_metrics or {}).items() if k not in ("num-examples", "uniform-weight")}
             metrics.update(evaluate(model, data.test, task, data.collate, device=device))
             metrics.update(report.metrics)
+            metrics.update(hook.audit_metrics(rnd, previous_state, global_state))
             for d in server_defenses:
                 metrics.update(d.server_metrics(rnd))
             metrics["round_seconds"] = time.perf_counter() - t_round

@@ -189,13 +189,19 @@ class ServerHook:
             "bytes_down": float(bytes_down), "bytes_up": float(bytes_up), "bytes_exchanged": float(bytes_down + bytes_up),
         })
         report.metrics.update(self._privacy_summary())
-        if self.audit is not None:  # out of band: the auditor scores the server's guesses
-            report.metrics.update({f"audit_{k}": float(v) for k, v in self.audit.result().items()})
         for key in sorted({k for row in report.attack_rows for k in row if k.startswith("attack_")}):
             values = [row[key] for row in report.attack_rows if key in row and np.isfinite(row[key])]
             if values:
                 report.metrics[key] = float(np.mean(values))
         return report
+
+    def audit_metrics(self, server_round: int, before: dict[str, torch.Tensor],
+                      after: dict[str, torch.Tensor]) -> dict[str, float]:
+        """After aggregation: client-level audits see the new global model; then the out-of-band score."""
+        if self.audit is None:
+            return {}
+        self.audit.observe_global(server_round, before, after)
+        return {f"audit_{k}": float(v) for k, v in self.audit.result().items()}
 
     def _keep_ledger(self, pid: int, content: RecordDict) -> None:
         meta = content.config_records.get("meta")

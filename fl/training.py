@@ -57,9 +57,10 @@ def build_audit(cfg: Config) -> Any:
     import defenses  # noqa: F401  (registers built-in audits)
 
     audit = AUDITS.create(cfg.audit.name, **cfg.audit.params)
-    dp = next((d.params for d in cfg.defenses if d.name == "dp_sgd"), {})
+    dp = next((d.params for d in cfg.defenses if d.name in ("dp_sgd", "central_dp")), {})  # the run's delta
     audit.bind(seed=cfg.experiment.seed, clients=cfg.audit.clients, delta=float(dp.get("delta", 1e-5)),
-               confidence=cfg.audit.confidence, defenses=[d.model_dump(mode="json") for d in cfg.defenses])
+               confidence=cfg.audit.confidence, defenses=[d.model_dump(mode="json") for d in cfg.defenses],
+               federation=cfg.federation.model_dump(mode="json"))
     return audit
 
 

@@ -128,3 +128,66 @@ def test_audit_needs_dp_sgd_and_a_stable_secret(monkeypatch):
         a.included(0)
     with pytest.raises(ValueError, match="integer >= 2"):
         GradientCanaries(canaries=1)
+
+
+# -- canary clients in central DP -------------------------------------------------------------------------------
+def _canary_clients(m=100, z=1.0, clip=1.0, n=10):
+    from defenses.canaries import CanaryClients
+
+    a = CanaryClients(canaries=m)
+    a.bind(seed=0, clients=[0], delta=1e-5, confidence=0.95,
+           defenses=[{"name": "central_dp", "params": {"noise_multiplier": z, "clipping_norm": clip}}],
+           federation={"num_clients": n, "clients_per_round": n})
+    return a
+
+
+def test_canary_clients_join_the_central_dp_sum_before_the_noise(monkeypatch):
+    """Flower's wrapper with noise 0: the aggregate moves by exactly (sum of sampled canary updates) / m."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from defenses.central_dp import CentralDP
+    from fl.config import Config
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        if hasattr(TaskIdentity, attr):
+            monkeypatch.setattr(TaskIdentity, attr, 1)
+    monkeypatch.setenv(SECRET_ENV, "audit test")
+    d = CentralDP(noise_multiplier=0.0, clipping_norm=1.0)
+    wrapped = d.wrap_strategy(FedAvg(), Config.model_validate({"federation": {"num_clients": 2, "clients_per_round": 2}}))
+    audit = _canary_clients(m=50, n=2)
+    d.attach_canaries(audit)
+    zero = {"w": torch.zeros(300)}
+    wrapped.current_arrays = ArrayRecord(zero)
+    instr = [Message(RecordDict({"arrays": ArrayRecord(zero)}), message_type=MessageType.TRAIN, dst_node_id=i + 1)
+             for i in range(2)]
+    small = {"w": torch.full((300,), 0.01)}  # (an all-zero update divides by 0 in Flower 1.42)
+    replies = [Message(RecordDict({"arrays": ArrayRecord(small), "metrics": MetricRecord({"num-examples": 1.0,
+                                                                                         "uniform-weight": 1.0})}),
+                       reply_to=instr[i]) for i in range(2)]
+    arrays, _ = wrapped.aggregate_train(1, replies)
+    got = torch.from_numpy(arrays.to_numpy_ndarrays()[0]) - 0.01
+    expected = audit.server_canaries(1, zero)[0]["w"] / 2
+    assert torch.allclose(got, expected, atol=1e-6) and expected.norm() > 0
+    audit.observe_global(1, zero, {"w": got})
+    s, b = audit.scores()[-1], audit.included()
+    # no noise: an included canary scores about 1 (its own contribution), an absent one about 0
+    assert s[b].mean() == pytest.approx(1.0, abs=0.2) and abs(s[~b].mean()) < 0.2
+    assert audit.result()["epsilon_lower"] > 1
+
+
+def test_canary_client_bound_tracks_the_noise(monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, "audit test")
+    bounds = {}
+    for z in (0.5, 5.0):
+        a = _canary_clients(m=400, z=z)
+        before = {"w": torch.zeros(5000)}
+        for rnd in range(1, 4):
+            g = torch.Generator().manual_seed(rnd)
+            after = {"w": before["w"] + a.server_canaries(rnd, before)[0]["w"] / 10 + torch.randn(5000, generator=g) * z / 10}
+            a.observe_global(rnd, before, after)
+            before = after
+        bounds[z] = a.result()["epsilon_lower"]
+    assert bounds[0.5] > 1.5 and bounds[5.0] < 0.5
+    assert bounds[0.5] <= epsilon(0.5, 1.0, 3, 1e-5)
