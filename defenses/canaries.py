@@ -49,12 +49,20 @@ from defenses.base import ClientContext
 from defenses.randomness import has_stable_secret, private_generator
 
 
-def _dp_sgd_params(defenses: list[Any]) -> dict[str, Any] | None:
+def _defense_params(defenses: list[Any], wanted: str) -> dict[str, Any] | None:
+    """The params of the first defense named ``wanted`` (config dicts or DefenseConfig objects)."""
     for d in defenses:
         name = d.get("name") if isinstance(d, dict) else getattr(d, "name", "")
-        if name == "dp_sgd":
+        if name == wanted:
             return dict(d.get("params", {}) if isinstance(d, dict) else d.params)
     return None
+
+
+def _check_design(audit: str, canaries: Any, magnitude: Any, example: int, of: str) -> None:
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
+        raise ValueError(f"{audit} canaries must be an integer >= 2 (e.g. {example}), got {canaries!r}")
+    if not (isinstance(magnitude, (int, float)) and 0 < magnitude <= 1):
+        raise ValueError(f"{audit} magnitude (a fraction of {of}) must be in (0, 1], got {magnitude!r}")
 
 
 @AUDITS.register("gradient_canaries")
@@ -62,11 +70,7 @@ class GradientCanaries(Audit):
     """Dirac gradient canaries in DP-SGD clients (Nasr et al. 2023); one-run epsilon lower bound (Steinke et al. 2023)."""
 
     def __init__(self, canaries: int = 1000, magnitude: float = 1.0) -> None:
-        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
-            raise ValueError(f"gradient_canaries canaries must be an integer >= 2 (e.g. 1000), got {canaries!r}")
-        if not (isinstance(magnitude, (int, float)) and 0 < magnitude <= 1):
-            raise ValueError(f"gradient_canaries magnitude (a fraction of max_grad_norm) must be in (0, 1], "
-                             f"got {magnitude!r}")
+        _check_design("gradient_canaries", canaries, magnitude, 1000, "max_grad_norm")
         self.m = canaries
         self.magnitude = float(magnitude)
         self._scores: dict[int, np.ndarray] = {}
@@ -74,7 +78,7 @@ class GradientCanaries(Audit):
 
     def bind(self, **facts: Any) -> None:
         super().bind(**facts)
-        if _dp_sgd_params(self.defenses) is None:
+        if _defense_params(self.defenses, "dp_sgd") is None:
             raise ValueError("gradient_canaries audits client-side DP-SGD: add a [[defenses]] entry with "
                              "name = \"dp_sgd\" (noise_multiplier = 0 audits clipping alone)")
 
@@ -120,7 +124,7 @@ class GradientCanaries(Audit):
         for name in sorted({n for n, _ in coords}):
             idx = [i for i, (n, _) in enumerate(coords) if n == name]
             groups[name] = (torch.tensor(idx), torch.tensor([coords[i][1] for i in idx]))
-        poisson = bool(_dp_sgd_params(self.defenses).get("poisson_sampling", True))
+        poisson = bool(_defense_params(self.defenses, "dp_sgd").get("poisson_sampling", True))
         batches = max(1, len(ctx.loader))
         value = float(opt.max_grad_norm) * self.magnitude
         gen = private_generator("audit-sampling", ctx.server_round, ctx.partition_id)
@@ -165,23 +169,12 @@ class GradientCanaries(Audit):
         self._scores = {int(p): np.asarray(s, dtype=float) for p, s in saved.items()}
 
 
-def _central_dp_params(defenses: list[Any]) -> dict[str, Any] | None:
-    for d in defenses:
-        name = d.get("name") if isinstance(d, dict) else getattr(d, "name", "")
-        if name == "central_dp":
-            return dict(d.get("params", {}) if isinstance(d, dict) else d.params)
-    return None
-
-
 @AUDITS.register("canary_clients")
 class CanaryClients(Audit):
     """Random-direction canary clients in central DP (Andrew et al. 2024); one-run client-level lower bound."""
 
     def __init__(self, canaries: int = 200, magnitude: float = 1.0) -> None:
-        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
-            raise ValueError(f"canary_clients canaries must be an integer >= 2 (e.g. 200), got {canaries!r}")
-        if not (isinstance(magnitude, (int, float)) and 0 < magnitude <= 1):
-            raise ValueError(f"canary_clients magnitude (a fraction of clipping_norm) must be in (0, 1], got {magnitude!r}")
+        _check_design("canary_clients", canaries, magnitude, 200, "clipping_norm")
         self.m = canaries
         self.magnitude = float(magnitude)
         self._scores = np.zeros(canaries)
@@ -189,7 +182,7 @@ class CanaryClients(Audit):
 
     def bind(self, **facts: Any) -> None:
         super().bind(**facts)
-        params = _central_dp_params(self.defenses)
+        params = _defense_params(self.defenses, "central_dp")
         if params is None:
             raise ValueError("canary_clients audits central DP: add a [[defenses]] entry with name = \"central_dp\"")
         self.clip = float(params.get("clipping_norm", 1.0))
