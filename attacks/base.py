@@ -17,7 +17,7 @@ from torch import nn
 from fl.registry import Registry
 from models.tasks import TaskSpec
 
-ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="fedprobe.attacks")
+ATTACKS: Registry[type["Attack"]] = Registry("attack", entry_point_group="fedprobe.attacks", base="attacks.base:Attack")
 
 
 @dataclass

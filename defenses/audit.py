@@ -29,7 +29,7 @@ import torch
 from defenses.base import ClientContext
 from fl.registry import Registry
 
-AUDITS: Registry[type["Audit"]] = Registry("audit", entry_point_group="fedprobe.audits")
+AUDITS: Registry[type["Audit"]] = Registry("audit", entry_point_group="fedprobe.audits", base="defenses.audit:Audit")
 
 
 class Audit:

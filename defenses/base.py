@@ -27,7 +27,8 @@ from torch import nn
 
 from fl.registry import Registry
 
-DEFENSES: Registry[type["Defense"]] = Registry("defense", entry_point_group="fedprobe.defenses")
+DEFENSES: Registry[type["Defense"]] = Registry("defense", entry_point_group="fedprobe.defenses",
+                                              base="defenses.base:Defense")
 
 
 @dataclass

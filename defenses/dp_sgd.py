@@ -135,6 +135,12 @@ class DPSGD(Defense):
                              f"(ghost clipping changes the loss API), got {grad_sample_mode!r}")
         if secure_mode and noise_seed is not None:
             raise ValueError("dp_sgd: noise_seed makes noise predictable; it cannot be combined with secure_mode")
+        if secure_mode:
+            import importlib.util
+
+            if importlib.util.find_spec("torchcsprng") is None:
+                raise ValueError("dp_sgd secure_mode needs torchcsprng, which has no build for torch 2.x; leave it off: "
+                                 "the noise already comes from the clients' secret (defenses/randomness.py)")
         self.noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon
         self.rounds = rounds

@@ -47,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--summary-json", default="", metavar="PATH",
                      help="also write the summary (run_id, tracking_uri, final metrics) as JSON to PATH")
     run.add_argument("--resume", default="", metavar="RUN_ID",
-                     help="continue a killed run from its last completed round, into the same MLflow run")
+                     help="continue a killed run from its last completed round, into the same MLflow run "
+                          "(refused when the config differs from the run's or all its rounds are done)")
+    run.add_argument("--resume-extend", action="store_true",
+                     help="with --resume: allow more federation.rounds than the run had (to continue a finished run)")
     run.add_argument("--parent-run-id", default="", metavar="RUN_ID",
                      help="log as a child of this MLflow run (what fedprobe sweep does for each point)")
     run.add_argument("--run-name", default="", metavar="NAME", help="MLflow run name (default: experiment.name)")
@@ -103,7 +106,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         preflight(cfg)
         uri = resolve_uri(args.tracking_uri or cfg.tracking.uri)
         check_reachable(uri)
-    except (ConfigError, RegistryError, TrackingError) as exc:
+        if args.resume:
+            from fl.server_app import check_resume
+
+            check_resume(cfg, args.resume, uri, args.resume_extend)  # before Ray starts and before its status is touched
+    except (ConfigError, RegistryError, TrackingError, ValueError) as exc:
         return _err(str(exc), EXIT_USAGE)
 
     from fl.simulation import SimulationError, simulate
@@ -113,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"attack={cfg.attack.name}; defenses={[d.name for d in cfg.defenses] or 'none'}", file=sys.stderr)
     try:
         summary = simulate(cfg, RunOptions(tracking_uri=uri, progress=not args.no_progress, resume_run_id=args.resume,
+                                           resume_extend=args.resume_extend,
                                            parent_run_id=args.parent_run_id, run_name=args.run_name),
                            verbose=args.verbose)
     except SimulationError as exc:

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr = 1e309 (inf in TOML), round_timeout = inf or nan fail here, before Ray starts
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ExperimentConfig(_Section):
@@ -46,6 +47,8 @@ class FederationConfig(_Section):
     min_replies: int = Field(1, ge=1, description="rounds with fewer successful replies fail")
     failure_rate: float = Field(0.0, ge=0, lt=1, description="fraction of clients that crash each round (fault injection)")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies in one round")
+    max_update_ratio: float = Field(1000.0, ge=0, description="reject a reply whose update norm exceeds this many times "
+                                    "the median of the other clients' norms (0 = no check)")
     device: str = Field("auto", description="client torch device: auto, cpu or cuda")
     ray_address: str = Field("", description="existing Ray cluster to run clients on (e.g. 'auto' or 'ray://head:10001'); "
                                              "empty starts a local Ray instance")
@@ -57,6 +60,10 @@ class FederationConfig(_Section):
                 f"federation.clients_per_round ({self.clients_per_round}) exceeds "
                 f"federation.num_clients ({self.num_clients})"
             )
+        per_round = self.clients_per_round or self.num_clients
+        if self.min_replies > per_round:
+            raise ValueError(f"federation.min_replies ({self.min_replies}) exceeds the clients sampled per round "
+                             f"({per_round}): every round would fail; lower min_replies")
         return self
 
 
@@ -186,6 +193,9 @@ def parse_value(text: str) -> Any:
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``dotted.key=value`` (value parsed as TOML) to a raw config dict in place."""
+    if "\n" in assignment or "\r" in assignment:
+        raise ConfigError(f"bad --set {assignment!r}: one assignment per --set (it holds a line break); "
+                          "repeat --set for each key")
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"bad --set {assignment!r}: expected dotted.key=value, e.g. federation.rounds=5")

@@ -12,12 +12,12 @@ import torch
 
 from defenses.base import DEFENSES, ClientContext, Defense
 
-MODES = ("nan", "inf", "shape", "dtype", "missing")
+MODES = ("nan", "inf", "shape", "dtype", "missing", "huge", "nan_weight", "extra_metric")
 
 
 @DEFENSES.register("faulty_update")
 class FaultyUpdate(Defense):
-    """Fault injection: chosen clients send NaN / Inf / wrongly shaped or typed / incomplete updates."""
+    """Fault injection: chosen clients send NaN / Inf / huge / wrongly shaped or typed / incomplete updates, a NaN weight or an extra metric."""
 
     def __init__(self, mode: str = "nan", clients: list[int] | None = None) -> None:
         if mode not in MODES:
@@ -30,7 +30,15 @@ class FaultyUpdate(Defense):
             return update
         out: dict[str, Any] = dict(update)
         name = next(iter(out))
-        if self.mode == "nan":
+        if self.mode == "nan_weight":  # FedAvg's weight: NaN poisons the weighted mean
+            ctx.metrics["num-examples"] = float("nan")
+            return out
+        if self.mode == "extra_metric":  # one key the others lack: Flower aborts the round on it
+            ctx.metrics["surprise_metric"] = 1.0
+            return out
+        if self.mode == "huge":  # finite, but 1e30: as fatal to the mean as a NaN
+            out[name] = torch.full_like(out[name], 1e30)
+        elif self.mode == "nan":
             out[name] = torch.full_like(out[name], float("nan"))
         elif self.mode == "inf":
             out[name] = torch.full_like(out[name], float("inf"))

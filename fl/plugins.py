@@ -48,6 +48,12 @@ def preflight(cfg: Config) -> None:
     from models import build_model
 
     check_names(cfg)
+    import os
+
+    cpus = os.cpu_count() or 1
+    if not cfg.federation.ray_address and cfg.federation.client_cpus > cpus:
+        raise ConfigError(f"federation.client_cpus = {cfg.federation.client_cpus:g} exceeds this machine's {cpus} CPUs: "
+                          "Ray could never place a client and the run would hang; lower it (e.g. 1)")
     if cfg.attack.name not in ("", "none"):
         from attacks.base import ATTACKS
 
@@ -55,6 +61,12 @@ def preflight(cfg: Config) -> None:
             ATTACKS.create(cfg.attack.name, **cfg.attack.params)
         except (TypeError, ValueError, RegistryError) as exc:
             raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
+    from fl.training import build_defenses
+
+    try:  # defense constructors only validate their parameters (no side effects)
+        build_defenses(cfg)
+    except (TypeError, ValueError, RegistryError) as exc:
+        raise ConfigError(f"defenses: {exc}".replace("\n", " ")) from None
     if cfg.audit.name not in ("", "none"):
         from fl.training import build_audit
 

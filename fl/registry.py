@@ -5,11 +5,19 @@ Datasets, models, attention kernels, optimizers, attacks and defenses are each a
 ``"package.module:Attribute"`` (third-party plugins, nothing to edit in the core),
 or by a name published under the registry's entry-point group (for example
 ``fedprobe.attacks``) by an installed distribution.
+
+A dotted path names code to import and call, as Hydra's ``_target_`` does: run only configs
+you trust. What it may resolve to is checked before anything is called: a subclass of the
+registry's ``base`` (``Attack`` for attacks, ``Defense`` for defenses, ...), or, for registries
+of factories (datasets, optimizers), a Python class or function. Modules, builtins and
+anything from the standard library (``os:system``, ``subprocess:run``) are refused.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -35,9 +43,10 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None, base: str = "") -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.base = base  # "module:Class" every dotted-path plugin must subclass (resolved lazily)
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
@@ -95,6 +104,9 @@ class Registry(Generic[T]):
 
     def _load_path(self, path: str) -> T:
         module_name, _, attr = path.partition(":")
+        if _is_stdlib(module_name):
+            raise RegistryError(f"{self.kind} plugin {path!r} names the standard library module {module_name!r}: "
+                                f"refused (a plugin is a {self.kind} class or factory from your own package)")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -107,9 +119,31 @@ class Registry(Generic[T]):
             if not hasattr(obj, part):
                 raise RegistryError(f"{self.kind} plugin {path!r}: {module_name} has no attribute {attr!r}")
             obj = getattr(obj, part)
+        self._check_plugin(path, obj)
         return obj
+
+    def _check_plugin(self, path: str, obj: Any) -> None:
+        """Refuse what is not a plugin of this kind (before it is ever called)."""
+        where = f"{getattr(obj, '__module__', None) or ''}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+        if inspect.ismodule(obj) or inspect.isbuiltin(obj) or _is_stdlib(getattr(obj, "__module__", None) or ""):
+            raise RegistryError(f"{self.kind} plugin {path!r} resolves to {where}, a module, builtin or standard-library "
+                                f"object: refused (a plugin is a {self.kind} class or factory from your own package)")
+        if self.base:
+            mod, _, name = self.base.partition(":")
+            base = getattr(importlib.import_module(mod), name)
+            if not (inspect.isclass(obj) and issubclass(obj, base)):
+                raise RegistryError(f"{self.kind} plugin {path!r} resolves to {where}, not a subclass of "
+                                    f"{base.__module__}.{base.__qualname__}")
+        elif not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            raise RegistryError(f"{self.kind} plugin {path!r} resolves to {where}: a {self.kind} plugin must be a "
+                                "Python class or function")
 
     def _entry_points(self) -> dict[str, Any]:
         if not self.entry_point_group:
             return {}
         return {ep.name: ep for ep in entry_points(group=self.entry_point_group)}
+
+
+def _is_stdlib(module_name: str) -> bool:
+    top = module_name.split(".")[0]
+    return top in sys.stdlib_module_names or top == "builtins"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.metrics import EXACT_PSNR
+from fl.paths import safe_filename
 
 UTILITY = ("accuracy", "perplexity")
 ATTACK_SUCCESS = ("attack_recovered_fraction", "attack_token_accuracy", "attack_label_accuracy")
@@ -223,7 +224,7 @@ def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") 
     swept, rows = collect_points(client, parent)
     if not rows:
         raise ReportError(f"parent run {parent.info.run_id} has no child runs to report")
-    out = Path(out_dir or Path("fedprobe-output") / "reports" / name)
+    out = Path(out_dir or Path("fedprobe-output") / "reports" / safe_filename(name, "report"))
     out.mkdir(parents=True, exist_ok=True)
     metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "epsilon_mean", "audit_epsilon_lower",
                                "central_epsilon", "cp_tau",

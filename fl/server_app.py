@@ -44,6 +44,7 @@ class RunOptions:
     tracking_uri: str = ""
     progress: bool = True
     resume_run_id: str = ""
+    resume_extend: bool = False  # --resume-extend: the resumed run may have more federation.rounds
     parent_run_id: str = ""  # attach as a child run (sweeps)
     run_name: str = ""
     on_start: Any = None  # called with the MLflow run id once it is known (fedprobe run keeps the client secret)
@@ -67,6 +68,55 @@ def _checkpoint_path(cfg: Config, run_id: str) -> Path:
     return Path(cfg.tracking.output_dir) / "checkpoints" / f"{run_id}.pt"
 
 
+class ResumeError(ValueError):
+    """``--resume`` of a run that cannot be resumed as it is (one line: why, and what to do)."""
+
+
+def check_resume(cfg: Config, run_id: str, tracking_uri: str = "", extend: bool = False) -> dict[str, Any]:
+    """Refuse a resume that would not continue the same run; returns the checkpoint. Safe before Ray starts.
+
+    ``extend`` (``--resume-extend``) allows one change: more ``federation.rounds`` than the run had.
+    """
+    path = _checkpoint_path(cfg, run_id)
+    if not path.is_file():
+        raise ResumeError(f"--resume {run_id}: no checkpoint at {path} (is tracking.output_dir the run's?); "
+                          "start a new run instead")
+    ckpt = torch.load(path, weights_only=False)
+    stored_cfg = config_from_dict(ckpt["config"])
+    if extend and cfg.federation.rounds >= stored_cfg.federation.rounds:
+        stored_cfg = stored_cfg.model_copy(update={"federation": stored_cfg.federation.model_copy(
+            update={"rounds": cfg.federation.rounds})})
+    if stored_cfg.digest() != cfg.digest():
+        before, now = stored_cfg.to_dict(), cfg.to_dict()
+        changed = sorted(f"{sec}.{k}" for sec in set(before) | set(now) if sec != "tracking"
+                         for k in set(before.get(sec) or {}) | set(now.get(sec) or {})
+                         if isinstance(before.get(sec), dict) and isinstance(now.get(sec), dict)
+                         and before[sec].get(k) != now[sec].get(k))
+        raise ResumeError(f"--resume {run_id}: the config differs from the run's ({', '.join(changed[:5]) or 'lists'}); "
+                          "resume with the run's own config (--resume-extend allows more federation.rounds), "
+                          "or start a new run")
+    if ckpt["round"] >= cfg.federation.rounds:
+        from fl.tracking import resolve_uri
+
+        try:
+            from mlflow import MlflowClient
+
+            status = MlflowClient(tracking_uri=resolve_uri(tracking_uri or cfg.tracking.uri)).get_run(run_id).info.status
+        except Exception:  # the store may be gone; the checkpoint alone says it is complete
+            status = "complete"
+        raise ResumeError(f"--resume {run_id}: all {cfg.federation.rounds} rounds are done (run {status}); nothing to "
+                          "resume")
+    return ckpt
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic: a kill leaves the previous checkpoint or this one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
 def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; return the summary dict."""
     from fl.data import load_federated
@@ -81,6 +131,8 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     global_state = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
     trainable, total = count_parameters(model)
 
+    ckpt: dict[str, Any] = check_resume(cfg, options.resume_run_id, options.tracking_uri, options.resume_extend) \
+        if options.resume_run_id else {}
     tracker = Tracker(options.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment,
                       options.run_name or cfg.tracking.run_name or cfg.experiment.name, tags=_tags(cfg),
                       parent_run_id=options.parent_run_id or None, run_id=options.resume_run_id or None)
@@ -91,10 +143,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     if options.on_start is not None:
         options.on_start(tracker.run_id)
     hook_state: dict[str, Any] = {}
-    if options.resume_run_id:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"no checkpoint for run {tracker.run_id} at {ckpt_path}; cannot resume")
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    if ckpt:
         global_state, start_round, history = ckpt["global_state"], ckpt["round"] + 1, ckpt["history"]
         events = list(ckpt.get("events", []))
         hook_state = ckpt.get("hook", {})  # the clients' privacy ledgers, handed back as each is next sampled
@@ -126,10 +175,18 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
                 d.attach_canaries(hook.audit)
         cfg_json = cfg.to_json()
 
-        if start_round == 1:
+        def checkpoint(rnd: int, metrics: dict[str, float]) -> None:  # written before the round's metrics are logged
+            _save_checkpoint(ckpt_path, {"round": rnd, "global_state": global_state, "history": history,
+                                         "config": cfg.to_dict(), "digest": cfg.digest(), "hook": hook.checkpoint_state(),
+                                         "events": events, "last_metrics": metrics})
+
+        if not ckpt:
             load_trainable(model, global_state)
             metrics0 = evaluate(model, data.test, task, data.collate, device=device)
+            checkpoint(0, metrics0)  # a run killed in round 1 is resumable too
             tracker.log_metrics(metrics0, step=0)
+        elif not tracker.has_step("accuracy", ckpt["round"]):  # killed between checkpoint and logging: log it once
+            tracker.log_metrics(ckpt.get("last_metrics", {}), step=ckpt["round"])
         bar = _progress(cfg.federation.rounds, start_round - 1, options.progress)
         for rnd in range(start_round, cfg.federation.rounds + 1):
             t_round = time.perf_counter()
@@ -152,6 +209,11 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             if arrays is None:
                 raise RoundFailed(f"round {rnd}: aggregation returned no model")
             previous_state, global_state = global_state, from_record(arrays)
+            bad = [k for k, v in global_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise RoundFailed(f"round {rnd}: the aggregated global model is not finite (NaN/Inf in {bad[0]}"
+                                  f"{' and others' if len(bad) > 1 else ''}); the run stops (lower optimizer.lr or "
+                                  "federation.max_update_ratio)")
             load_trainable(model, global_state)
             metrics = {k: float(v) for k, v in (train_metrics or {}).items() if k not in ("num-examples", "uniform-weight")}
             metrics.update(evaluate(model, data.test, task, data.collate, device=device))
@@ -160,12 +222,10 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             for d in server_defenses:
                 metrics.update(d.server_metrics(rnd))
             metrics["round_seconds"] = time.perf_counter() - t_round
+            history.append({"round": rnd, **metrics})
+            checkpoint(rnd, metrics)  # then log: a kill in between is repaired on resume, never logged twice
             tracker.log_metrics(metrics, step=rnd)
             _log_attack_rows(tracker, report.attack_rows, rnd)
-            history.append({"round": rnd, **metrics})
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"round": rnd, "global_state": global_state, "history": history, "config": cfg.to_dict(),
-                        "hook": hook.checkpoint_state(), "events": events}, ckpt_path)
             bar.update(1)
             if options.stop_after_round == rnd:
                 raise RunInterrupted(f"stopped after round {rnd} (stop_after_round)")

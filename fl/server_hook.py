@@ -30,6 +30,7 @@ from attacks.base import ATTACKS, Attack, Observation
 from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
 from fl.client_app import REPORT_KEY, RESTORE_KEY
 from fl.config import Config
+from fl.replies import check_weight, harmonise_metrics, outliers, update_norm
 from models.tasks import TaskSpec
 
 log = logging.getLogger("fedprobe")
@@ -135,6 +136,7 @@ class ServerHook:
         failed = rejected = 0
         cap = self.cfg.attack.max_victims_per_round
         attacked_this_round = 0
+        candidates: list[tuple[Message, int, int, dict[str, torch.Tensor], Any, Any]] = []
         for reply in sorted(replies, key=lambda r: self.roster.get(r.metadata.src_node_id, 0)):
             node = reply.metadata.src_node_id
             pid = self.roster.get(node, -1)
@@ -154,10 +156,24 @@ class ServerHook:
             try:
                 received = from_record(content["arrays"])
                 check_update(received, sent)
+                check_weight(content)
             except (InvalidUpdate, KeyError, ValueError) as exc:
                 rejected += 1
                 report.events.append(f"round {server_round}: rejected client {pid}: {exc}")
                 continue
+            candidates.append((reply, node, pid, received, oracle, shared))
+        kept = self._drop_outliers(server_round, candidates, sent_by_node, sent, report)
+        rejected += len(candidates) - len(kept)
+        candidates = kept
+        report.events.extend(harmonise_metrics(server_round, [(c[0], c[2]) for c in candidates]))
+        replied = {r.metadata.src_node_id for r in replies}
+        missing = sorted(self.roster.get(m.metadata.dst_node_id, -1) for m in messages
+                         if m.metadata.dst_node_id not in replied)
+        if missing:
+            report.events.append(f"round {server_round}: no reply within federation.round_timeout = "
+                                 f"{self.cfg.federation.round_timeout:g} s from clients {missing}")
+        for reply, node, pid, received, oracle, shared in candidates:
+            content = reply.content
             bytes_up += record_nbytes(content["arrays"])
             report.accepted.append(reply)
             if self.audit is not None and pid in self.audit.clients:  # the server's test statistic, nothing else
@@ -182,6 +198,7 @@ class ServerHook:
                 except Exception as exc:  # an attack's failure must not stop the federation
                     report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} "
                                          f"failed: {type(exc).__name__}: {exc}")
+        report.metrics["clients_timed_out"] = float(len(missing))
         report.metrics.update({
             "clients_sampled": float(len(messages)), "clients_replied": float(len(report.accepted)),
             "clients_out_of_budget": float(len(report.out_of_budget)),
@@ -194,6 +211,21 @@ class ServerHook:
             if values:
                 report.metrics[key] = float(np.mean(values))
         return report
+
+    def _drop_outliers(self, server_round: int, candidates: list[Any], sent_by_node: dict[int, Message],
+                       sent: dict[str, torch.Tensor], report: RoundReport) -> list[Any]:
+        """Replies whose update norm is over max_update_ratio x the others' median are rejected with a reason."""
+        def sent_to(node: int) -> dict[str, torch.Tensor]:  # what this client trained from (a crafted model too)
+            msg = sent_by_node.get(node)
+            return from_record(msg.content["arrays"]) if msg is not None else sent
+
+        ratio = self.cfg.federation.max_update_ratio
+        norms = [update_norm(c[3], sent_to(c[1])) for c in candidates]
+        bad = set(outliers(norms, ratio))
+        for i in sorted(bad):
+            report.events.append(f"round {server_round}: rejected client {candidates[i][2]}: update norm {norms[i]:.3g} "
+                                 f"is over federation.max_update_ratio = {ratio:g} times the other clients' median")
+        return [c for i, c in enumerate(candidates) if i not in bad]
 
     def audit_metrics(self, server_round: int, before: dict[str, torch.Tensor],
                       after: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -67,7 +67,9 @@ def _keep_secret(cfg: Config, secret: str) -> Any:
 
 def backend_config(cfg: Config) -> dict[str, Any]:
     fed = cfg.federation
-    init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": True}
+    # address "local": a private instance even when `ray start` left a cluster on this machine (or RAY_ADDRESS is set)
+    init_args: dict[str, Any] = {"address": "local", "num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
+                                 "log_to_driver": True}
     if fed.ray_address:  # join an existing cluster: its resources are the cluster's, not this machine's
         init_args = {"address": fed.ray_address, "logging_level": "ERROR", "log_to_driver": True}
     elif fed.client_gpus > 0:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fl.config import Config, ConfigError, config_from_dict, read_toml, set_dotted
+from fl.paths import safe_filename
 
 SWEEP_KEYS = {"name", "base", "parallel", "set", "grid", "points", "description"}
 
@@ -157,7 +158,8 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
     parent = find_or_create_parent(sweep, uri)
     done = finished_digests(parent)
     todo = [p for p in sweep.points if p.digest not in done]
-    workdir = Path(sweep.points[0].config.tracking.output_dir) / "sweeps" / f"{sweep.name}-{sweep.digest}"
+    workdir = Path(sweep.points[0].config.tracking.output_dir) / "sweeps" / safe_filename(
+        f"{sweep.name}-{sweep.digest}")
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"fedprobe sweep {sweep.name}: {len(sweep.points)} points, {len(sweep.points) - len(todo)} already finished, "
           f"{len(todo)} to run; parent run {parent.run_id}", file=sys.stderr)

@@ -96,16 +96,20 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import math
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
+        # NaN is logged as NaN (a NaN test loss is news, not noise); MLflow stores +-inf as +-float max
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def has_step(self, key: str, step: int) -> bool:
+        """Whether metric ``key`` was already logged at ``step`` (resume repairs a round logged zero times)."""
+        return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():

@@ -28,7 +28,7 @@ from fl.config import ModelConfig
 from fl.registry import Registry, RegistryError
 from models.tasks import TaskKind, TaskSpec
 
-MODELS: Registry = Registry("model family", entry_point_group="fedprobe.models")
+MODELS: Registry = Registry("model family", entry_point_group="fedprobe.models", base="models.build:ModelFamily")
 
 DEFAULT_ATTN = "eager"
 

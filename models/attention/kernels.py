@@ -53,7 +53,8 @@ class AttentionKernel:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
 
 
-ATTENTION: Registry[type[AttentionKernel]] = Registry("attention kernel", entry_point_group="fedprobe.attention")
+ATTENTION: Registry[type[AttentionKernel]] = Registry("attention kernel", entry_point_group="fedprobe.attention",
+                                                        base="models.attention.kernels:AttentionKernel")
 
 
 @ATTENTION.register("standard")

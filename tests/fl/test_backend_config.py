@@ -8,7 +8,7 @@ def test_client_resources_come_from_the_config():
     cfg = load_config(None, ["federation.client_cpus=0.5", "federation.client_gpus=0.0"])
     b = backend_config(cfg)
     assert b["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert "address" not in b["init_args"] and b["init_args"]["num_cpus"] >= 1
+    assert b["init_args"]["address"] == "local" and b["init_args"]["num_cpus"] >= 1  # private, never a foreign cluster
 
 
 def test_gpu_share_for_the_attack_is_withheld_from_ray(monkeypatch):

@@ -77,6 +77,8 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     assert code == 0
     first = json.loads(summary_path.read_text())
     code, _, summary_path = _run(tmp_path, "", "--resume", first["run_id"])
+    assert code == 2  # rounds 1 -> 2 is a changed config: refused unless --resume-extend says so
+    code, _, summary_path = _run(tmp_path, "", "--resume", first["run_id"], "--resume-extend")
     assert code == 0
     second = json.loads(summary_path.read_text())
     assert second["run_id"] == first["run_id"] and second["rounds_completed"] == 2

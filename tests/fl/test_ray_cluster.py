@@ -28,5 +28,11 @@ def test_run_joins_an_existing_ray_cluster(tmp_path):
         status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], capture_output=True,
                                 text=True, timeout=120)
         assert status.returncode == 0  # the cluster outlives the run: fedprobe joined it, did not start its own
+        # without ray_address the run starts a private instance beside the foreign cluster (issue 16), not joins it
+        proc = subprocess.run([str(BIN / "fedprobe"), "run", str(cfg), "--no-progress", "--summary-json", str(summary),
+                               "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(summary.read_text())["final"]["clients_replied"] == 2.0
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=180)

@@ -48,3 +48,34 @@ def test_duplicate_registration_rejected():
     reg.register("a", int)
     with pytest.raises(RegistryError, match="already registered"):
         reg.register("a", float)
+
+
+@pytest.mark.parametrize("path", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree", "os.path:join"])
+def test_dotted_paths_into_the_standard_library_are_refused_before_any_call(path):
+    reg: Registry = Registry("dataset")
+    with pytest.raises(RegistryError, match="standard library"):
+        reg.create(path, command="touch /tmp/fedprobe-should-not-exist")
+
+
+def test_dotted_paths_must_resolve_to_the_registry_kind():
+    from attacks.base import ATTACKS
+    from fl.data import DATASETS
+
+    with pytest.raises(RegistryError, match="not a subclass of attacks.base.Attack"):
+        ATTACKS.get("fl.registry:Registry")
+    with pytest.raises(RegistryError, match="module, builtin"):
+        DATASETS.get("numpy:random")  # a module
+    with pytest.raises(RegistryError, match="must be a Python class or function"):
+        DATASETS.get("fl.registry:RegistryError.__doc__")
+    assert ATTACKS.get("attacks.gradient_inversion:GradientInversion").__name__ == "GradientInversion"  # still loads
+
+
+def test_a_config_naming_os_system_fails_in_preflight(tmp_path):
+    from fl.config import ConfigError, config_from_dict
+    from fl.plugins import preflight
+
+    marker = tmp_path / "pwned"
+    cfg = config_from_dict({"data": {"dataset": "os:system", "params": {"command": f"touch {marker}"}}})
+    with pytest.raises(ConfigError, match="standard library"):
+        preflight(cfg)
+    assert not marker.exists()
