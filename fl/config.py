@@ -243,6 +243,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p} is not a UTF-8 text file") from None
+    except RecursionError:
+        raise ConfigError(f"{p} nests arrays or tables too deeply to be a config") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

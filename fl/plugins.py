@@ -78,8 +78,40 @@ def preflight(cfg: Config) -> None:
             build_audit(cfg)
         except (TypeError, ValueError, RegistryError) as exc:
             raise ConfigError(f"audit ({cfg.audit.name!r}): {exc}".replace("\n", " ")) from None
+    fed, attack = cfg.federation, cfg.attack
+    if attack.name not in ("", "none"):
+        bad = [v for v in attack.victims if not 0 <= v < fed.num_clients]
+        if bad:
+            raise ConfigError(f"attack.victims {bad} are not partitions of this federation (0..{fed.num_clients - 1}); "
+                              "the attack would never run")
+        late = [r for r in attack.rounds if not 1 <= r <= fed.rounds]
+        if late:
+            raise ConfigError(f"attack.rounds {late} are outside 1..{fed.rounds} (federation.rounds)")
+    _check_writable(cfg.tracking.output_dir)
     try:
         data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    try:
         build_model(cfg.model, data.task, seed=cfg.experiment.seed)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    except Exception as exc:  # transformers' config validation raises its own error types (not ValueError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model ({cfg.model.family}, params {cfg.model.params}): {type(exc).__name__}: {first}") \
+            from None
+
+
+def _check_writable(folder: str) -> None:
+    """tracking.output_dir must take checkpoints and artifacts: found now, not after round 1."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"tracking.output_dir {folder!r} is not writable ({exc.strerror or exc}); "
+                          "point it at a folder you can write, e.g. --set tracking.output_dir='/tmp/fedprobe-output'") \
+            from None

@@ -73,6 +73,14 @@ def load_sweep(path: str | Path) -> Sweep:
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key 'sweep.{sorted(unknown)[0]}'; allowed keys in [sweep]: {', '.join(sorted(SWEEP_KEYS))}")
+    for key, kind, example in (("base", str, 'base = "base.toml"'), ("name", str, 'name = "my_sweep"'),
+                               ("set", dict, "[sweep.set] with 'dotted.key' = value"),
+                               ("grid", dict, "[sweep.grid] with 'dotted.key' = [values]")):
+        if key in spec and not isinstance(spec[key], kind):
+            raise ConfigError(f"sweep.{key} must be a {'string' if kind is str else 'table'} ({example}), "
+                              f"got {spec[key]!r}")
+    if isinstance(spec.get("parallel", 1), bool) or not isinstance(spec.get("parallel", 1), int):
+        raise ConfigError(f"sweep.parallel must be an integer >= 1, got {spec['parallel']!r}")
     base_data = read_toml(path.parent / spec["base"]) if spec.get("base") else {}
     base_data.update({k: v for k, v in raw.items() if k != "sweep"})  # inline config sections
     for key, value in (spec.get("set") or {}).items():

@@ -182,3 +182,38 @@ def test_round_zero_checkpoint_and_resume_refusals(tmp_path, monkeypatch, capsys
     from mlflow import MlflowClient
 
     assert MlflowClient(tracking_uri=cfg.tracking.uri).get_run(rid).info.status == "FINISHED"  # untouched
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[attack]\nname = "idlg"\nvictims = [42]\n', "attack.victims [42] are not partitions"),
+    ('[attack]\nname = "idlg"\nrounds = [9]\n', "attack.rounds [9] are outside 1..3"),
+    ('[model]\nparams = { hidden_size = "x" }\n', "model (vit, params {'hidden_size': 'x'})"),
+    ("[tracking]\noutput_dir = '/proc/fedprobe-cannot-write'\n", "is not writable"),
+    ("a = " + "[" * 1000 + "]" * 1000 + "\n", "nests arrays or tables too deeply"),
+])
+def test_more_bad_configs_fail_in_one_line(tmp_path, monkeypatch, capsys, body, message):
+    from fl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nnum_clients = 4\n" + body if not body.startswith("a = ") else body)
+    assert main(["run", str(cfg), "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ('parallel = "abc"', "sweep.parallel must be an integer"),
+    ("grid = 5", "sweep.grid must be a table"),
+    ("set = 5", "sweep.set must be a table"),
+    ("name = 5", "sweep.name must be a string"),
+])
+def test_malformed_sweep_files_fail_in_one_line(tmp_path, capsys, line, message):
+    from fl.cli import main
+
+    (tmp_path / "base.toml").write_text("[federation]\nnum_clients = 4\n")
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'[sweep]\nbase = "base.toml"\n{line}\n')
+    assert main(["sweep", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
