@@ -86,6 +86,17 @@ def _install_padding_aware_embedding_sampler() -> None:
     register_grad_sampler(torch.nn.Embedding)(sampler)
 
 
+def _prime_empty_batches(loader: Any) -> None:
+    """Opacus learns the shape of an empty Poisson batch from the first non-empty one; when the very first batch is
+    empty it returns a list of tensors typed after our dict examples and fails. Give it the structure up front (only
+    shapes and dtypes are used: the empty batch has zero rows)."""
+    collate = getattr(loader, "collate_fn", None)
+    if getattr(collate, "first_batch", "absent") is None and len(loader.dataset) > 0:
+        inner = collate.wrapped_collator_fn
+        example = [loader.dataset[0]]
+        collate.first_batch = inner(example) if inner is not None else example
+
+
 def seeded_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator from (seed, round, client): reproducible noise for tests only."""
     h = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
@@ -184,10 +195,6 @@ class DPSGD(Defense):
         if errors:
             raise ValueError(f"dp_sgd: model is not compatible with Opacus: {errors[0]}; "
                              "use a model without BatchNorm (the project's transformers are fine)")
-        model.train()
-        _install_padding_aware_embedding_sampler()
-        if "position_ids" in inspect.signature(model.forward).parameters:
-            self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
 
         batches = len(ctx.loader)
         steps_per_round = ctx.local_steps if ctx.local_steps > 0 else ctx.epochs * batches
@@ -208,6 +215,11 @@ class DPSGD(Defense):
                 ctx.metrics.update({"privacy_budget_exhausted": 1.0, "epsilon": spent})
                 return
 
+        model.train()
+        _install_padding_aware_embedding_sampler()
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
+
         if self.noise_seed is not None:  # reproducible from the config: the server can replay it
             generator = seeded_generator(self.noise_seed, ctx.server_round, ctx.partition_id, device=ctx.device)
             sampling = seeded_generator(self.noise_seed, ctx.server_round, ctx.partition_id, 1)
@@ -222,7 +234,9 @@ class DPSGD(Defense):
             ctx.loader.generator = sampling  # DPDataLoader.from_data_loader draws its Poisson masks from it
         with warnings.catch_warnings():  # "Secure RNG turned off": secure_mode is a documented option
             warnings.simplefilter("ignore", UserWarning)
-            engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.secure_mode)
+            # the engine's own accountant is never stepped (our ledger accounts); Opacus has no "pld"
+            engine = PrivacyEngine(accountant="rdp" if self.accountant == "pld" else self.accountant,
+                                   secure_mode=self.secure_mode)
         hooks, optimizer, loader = engine.make_private(
             module=model, optimizer=ctx.optimizer, data_loader=ctx.loader,
             noise_multiplier=self._sigma, max_grad_norm=self.max_grad_norm,
@@ -230,6 +244,7 @@ class DPSGD(Defense):
             grad_sample_mode=self.grad_sample_mode, noise_generator=generator, wrap_model=False,
         )
         self._hooks = hooks
+        _prime_empty_batches(loader)
         self._expected_batch = optimizer.expected_batch_size
         optimizer.attach_step_hook(self._on_step)  # replaces the engine's accountant hook: our ledger accounts
         ctx.optimizer, ctx.loader = optimizer, loader

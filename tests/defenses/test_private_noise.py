@@ -140,3 +140,25 @@ def test_update_noise_max_epsilon():
         assert ctx.metrics["epsilon"] <= 3.0
     assert refused_at is not None and refused_at > 1
     assert math.isfinite(state["update_noise"]["ledger"]["history"][0][0])
+
+
+def test_dp_sgd_trains_and_accounts_with_the_pld_accountant():
+    model, task, data = tiny("vit")
+    ctx = make_ctx(model, task, data, batch_size=4)
+    run_round(ctx, [DPSGD(noise_multiplier=1.0, accountant="pld")])
+    assert ctx.metrics["epsilon"] == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5, "pld"), rel=1e-9)
+    assert ctx.metrics["epsilon"] < epsilon(1.0, 0.25, 4, 1e-5, "rdp")
+
+
+def test_an_empty_first_poisson_batch_is_an_empty_dict_batch():
+    """With secret sampling any batch may be empty, the first one too (1 % here per round): it must not crash."""
+    model, task, data = tiny("vit")
+    ctx = make_ctx(model, task, data, batch_size=1)  # q = 1/16: the first batch is empty 36 % of the time
+    d = DPSGD(noise_multiplier=1.0)
+    d.setup(ctx)
+    first_empty = ctx.loader.collate_fn([])  # what Opacus returns when the round's first batch is empty
+    assert isinstance(first_empty, dict) and len(first_empty["labels"]) == 0
+    assert first_empty["pixel_values"].shape[1:] == data[0]["pixel_values"].shape
+    sizes = [len(b["labels"]) for _, b in zip(range(16), ctx.loader)]  # one pass: some batches are empty (35 %)
+    assert all(isinstance(s, int) for s in sizes)
+    d.after_training(ctx)
