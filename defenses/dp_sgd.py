@@ -176,6 +176,7 @@ class DPSGD(Defense):
         self._q = 0.0
         self._releases = 0
         self._refused = False
+        self._epsilon_after: float | None = None  # this round's epsilon, when setup already computed it (max_epsilon)
         self._expected_batch = 1
 
     # -- client side --------------------------------------------------------------------
@@ -207,7 +208,7 @@ class DPSGD(Defense):
             ledger = PrivacyLedger.from_dict(stored.get("ledger"), self.accountant)
             spent = ledger.epsilon(self.delta)
             ledger.record(self._sigma, self._q, self._releases)
-            after = ledger.epsilon(self.delta)
+            after = self._epsilon_after = ledger.epsilon(self.delta)
             if after > self.max_epsilon:
                 self._refused = True
                 ctx.refuse(f"dp_sgd budget: epsilon would reach {after:.3g} > max_epsilon={self.max_epsilon:g} "
@@ -274,7 +275,7 @@ class DPSGD(Defense):
         ledger.record(self._sigma, self._q, self._releases)
         ctx.state[STATE_KEY] = {"ledger": ledger.to_dict(), "sigma": self._sigma}
         ctx.metrics.update({
-            "epsilon": ledger.epsilon(self.delta),
+            "epsilon": ledger.epsilon(self.delta) if self._epsilon_after is None else self._epsilon_after,
             "dp_delta": float(self.delta),
             "dp_noise_multiplier": self._sigma,
             # std of the noise in each coordinate of one averaged gradient: sigma * C / E[B]

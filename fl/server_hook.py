@@ -45,6 +45,19 @@ class RoundReport:
     out_of_budget: list[int] = field(default_factory=list)  # partitions that refused: privacy budget spent
 
 
+@dataclass
+class _Candidate:
+    """A reply that passed the per-reply checks, with what the server knows about it."""
+
+    reply: Message
+    node: int
+    pid: int
+    base: dict[str, torch.Tensor]  # the model this client was sent
+    received: dict[str, torch.Tensor]
+    oracle: dict[str, torch.Tensor] | None
+    shared: dict[str, torch.Tensor]
+
+
 def short_reason(reason: str, limit: int = 300) -> str:
     """The last meaningful line of a (Ray) traceback, without terminal colours."""
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if ln.strip()]
@@ -136,7 +149,7 @@ class ServerHook:
         failed = rejected = 0
         cap = self.cfg.attack.max_victims_per_round
         attacked_this_round = 0
-        candidates: list[tuple[Message, int, int, dict[str, torch.Tensor], Any, Any]] = []
+        candidates: list[_Candidate] = []
         for reply in sorted(replies, key=lambda r: self.roster.get(r.metadata.src_node_id, 0)):
             node = reply.metadata.src_node_id
             pid = self.roster.get(node, -1)
@@ -161,36 +174,36 @@ class ServerHook:
                 rejected += 1
                 report.events.append(f"round {server_round}: rejected client {pid}: {exc}")
                 continue
-            candidates.append((reply, node, pid, received, oracle, shared))
-        kept = self._drop_outliers(server_round, candidates, sent_by_node, sent, report)
+            crafted = self.attack is not None and self.attack.threat_model == "malicious" and \
+                self.targets(server_round, pid) and node in sent_by_node
+            # what this client trained from: the global model, or the model a malicious attack crafted for it
+            base = from_record(sent_by_node[node].content["arrays"]) if crafted else sent
+            candidates.append(_Candidate(reply, node, pid, base, received, oracle, shared))
+        kept = self._drop_outliers(server_round, candidates, report)
         rejected += len(candidates) - len(kept)
         candidates = kept
-        report.events.extend(harmonise_metrics(server_round, [(c[0], c[2]) for c in candidates]))
+        report.events.extend(harmonise_metrics(server_round, [(c.reply, c.pid) for c in candidates]))
         replied = {r.metadata.src_node_id for r in replies}
         missing = sorted(self.roster.get(m.metadata.dst_node_id, -1) for m in messages
                          if m.metadata.dst_node_id not in replied)
         if missing:
             report.events.append(f"round {server_round}: no reply within federation.round_timeout = "
                                  f"{self.cfg.federation.round_timeout:g} s from clients {missing}")
-        for reply, node, pid, received, oracle, shared in candidates:
-            content = reply.content
+        for c in candidates:
+            content, pid = c.reply.content, c.pid
             bytes_up += record_nbytes(content["arrays"])
-            report.accepted.append(reply)
+            report.accepted.append(c.reply)
             if self.audit is not None and pid in self.audit.clients:  # the server's test statistic, nothing else
-                sent_msg = sent_by_node.get(node)
-                self.audit.observe(server_round, pid, from_record(sent_msg.content["arrays"]) if sent_msg else sent,
-                                   received)
+                self.audit.observe(server_round, pid, c.base, c.received)
             for rec in content.metric_records.values():
                 latest = {k: float(v) for k, v in rec.items() if k.endswith("epsilon") and isinstance(v, (int, float))}
                 if latest:
                     self.privacy_by_client.setdefault(pid, {}).update(latest)
             if self.targets(server_round, pid) and (cap == 0 or attacked_this_round < cap):
                 attacked_this_round += 1
-                sent_msg = sent_by_node.get(node)
-                sent_state = from_record(sent_msg.content["arrays"]) if sent_msg is not None else sent
                 try:
-                    row = self._attack_one(server_round, node, pid, sent_state, received, dict(content["meta"]),
-                                           oracle, shared)
+                    row = self._attack_one(server_round, c.node, pid, c.base, c.received, dict(content["meta"]),
+                                           c.oracle, c.shared)
                     report.attack_rows.append(row)
                     if row.get("attack_budget_limited"):
                         report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} hit "
@@ -212,18 +225,14 @@ class ServerHook:
                 report.metrics[key] = float(np.mean(values))
         return report
 
-    def _drop_outliers(self, server_round: int, candidates: list[Any], sent_by_node: dict[int, Message],
-                       sent: dict[str, torch.Tensor], report: RoundReport) -> list[Any]:
+    def _drop_outliers(self, server_round: int, candidates: list["_Candidate"],
+                       report: RoundReport) -> list["_Candidate"]:
         """Replies whose update norm is over max_update_ratio x the others' median are rejected with a reason."""
-        def sent_to(node: int) -> dict[str, torch.Tensor]:  # what this client trained from (a crafted model too)
-            msg = sent_by_node.get(node)
-            return from_record(msg.content["arrays"]) if msg is not None else sent
-
         ratio = self.cfg.federation.max_update_ratio
-        norms = [update_norm(c[3], sent_to(c[1])) for c in candidates]
+        norms = [update_norm(c.received, c.base) for c in candidates]
         bad = set(outliers(norms, ratio))
         for i in sorted(bad):
-            report.events.append(f"round {server_round}: rejected client {candidates[i][2]}: update norm {norms[i]:.3g} "
+            report.events.append(f"round {server_round}: rejected client {candidates[i].pid}: update norm {norms[i]:.3g} "
                                  f"is over federation.max_update_ratio = {ratio:g} times the other clients' median")
         return [c for i, c in enumerate(candidates) if i not in bad]
 

@@ -123,7 +123,7 @@ def train_client(
         d.setup(ctx)
         if ctx.refused:  # a spent privacy budget: no training, nothing to aggregate
             return _refusal(ctx, global_state, partition_id, len(train_ds))
-    audit = build_audit(cfg)
+    audit = build_audit(cfg) if partition_id in cfg.audit.clients else None  # only canary clients plant
     if audit is not None and partition_id in audit.clients:
         audit.client_setup(ctx)  # plants this round's canaries (after dp_sgd made the optimizer private)
 
