@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,9 +27,12 @@ def _parser() -> argparse.ArgumentParser:
                "  fedprobe run experiments/quickstart.toml --set federation.rounds=5 --set optimizer.lr=0.003\n"
                "  fedprobe sweep experiments/privacy_utility.toml\n"
                "  fedprobe report experiments/privacy_utility.toml\n"
+               "  fedprobe check experiments/quickstart.toml   # validate in seconds, start nothing\n"
+               "  fedprobe run experiments/quickstart.toml --dry-run   # full check and the plan, start nothing\n"
                "  fedprobe list",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"fedprobe {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
@@ -54,8 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--parent-run-id", default="", metavar="RUN_ID",
                      help="log as a child of this MLflow run (what fedprobe sweep does for each point)")
     run.add_argument("--run-name", default="", metavar="NAME", help="MLflow run name (default: experiment.name)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything run checks before Ray (data loaded, model built), print the resolved "
+                          "config and the plan (clients, rounds, victims, defenses, accountant), then exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    run.add_argument("--verbose", action="store_true", help="show Flower's, Ray's and MLflow's own logs and warnings")
+
+    check = sub.add_parser(
+        "check", help="validate a config in seconds: keys, values, plugin names and parameters, paths, ids",
+        description="Validate a config without starting anything: keys and values, plugin names, plugin parameters "
+                    "(constructed without side effects), the data (loaded), the model (checked from its config; "
+                    "run --dry-run also builds its weights), attack victims and rounds, output and tracking "
+                    "writability, and a --resume id. Prints the plan; exit 0 if it would run, 2 with one line "
+                    "naming the problem if not.")
+    check.add_argument("config", metavar="CONFIG.toml", help="experiment config file")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, as for run")
+    check.add_argument("--tracking-uri", default="", metavar="URI", help="MLflow tracking URI (default as for run)")
+    check.add_argument("--resume", default="", metavar="RUN_ID", help="also check that this run can be resumed")
+    check.add_argument("--resume-extend", action="store_true", help="as for run")
 
     sweep = sub.add_parser(
         "sweep", help="run a grid or list of experiments as MLflow child runs (resumable)",
@@ -94,35 +115,95 @@ def cmd_list() -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fl.config import ConfigError, load_config
-    from fl.plugins import preflight
-    from fl.registry import RegistryError
-    from fl.server_app import RunOptions
-    from fl.tracking import TrackingError, check_reachable, resolve_uri
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)
-        uri = resolve_uri(args.tracking_uri or cfg.tracking.uri)
-        check_reachable(uri)
-        if args.resume:
-            from fl.server_app import check_resume
+        return version("fedprobe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
-            check_resume(cfg, args.resume, uri, args.resume_extend)  # before Ray starts and before its status is touched
-    except (ConfigError, RegistryError, TrackingError, ValueError) as exc:
+
+def _validate(args: argparse.Namespace, build: bool) -> tuple[object, str]:
+    """(config, tracking uri) after every check that can run before Ray; raises with one line.
+    Only the config schema is imported before the config has been read, so a missing file answers at once."""
+    from fl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from fl.plugins import preflight
+    from fl.tracking import check_reachable, resolve_uri
+
+    preflight(cfg, build=build)
+    uri = resolve_uri(args.tracking_uri or cfg.tracking.uri)
+    check_reachable(uri)
+    if args.resume:
+        from fl.server_app import check_resume
+
+        check_resume(cfg, args.resume, uri, args.resume_extend)  # before Ray starts and before its status is touched
+    return cfg, uri
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from fl.config import ConfigError
+    from fl.registry import RegistryError
+    from fl.tracking import TrackingError
+
+    return ConfigError, RegistryError, TrackingError, ValueError
+
+
+def _print_plan(cfg: object, uri: str, resolved: bool) -> None:
+    from fl.plan import plan
+
+    if resolved:
+        import tomli_w
+
+        print("# resolved config (defaults filled in; runs as it is with fedprobe run)\n"
+              + tomli_w.dumps(cfg.to_dict()) + "\n# plan")
+    for line in plan(cfg, uri):
+        print(f"  {line}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg, uri = _validate(args, build=False)
+    except _usage_errors() as exc:
         return _err(str(exc), EXIT_USAGE)
+    print(f"{args.config}: OK, it would run as follows (the model is checked from its config; "
+          "'fedprobe run --dry-run' also builds it):")
+    _print_plan(cfg, uri, resolved=False)
+    return 0
 
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg, uri = _validate(args, build=True)
+    except _usage_errors() as exc:
+        return _err(str(exc), EXIT_USAGE)
+    if args.dry_run:
+        _print_plan(cfg, uri, resolved=True)
+        print(f"dry run: {args.config} passed every check before Ray; nothing was started", file=sys.stderr)
+        return 0
+
+    from fl.server_app import RunOptions
     from fl.simulation import SimulationError, simulate
 
     print(f"fedprobe: {cfg.experiment.name}: {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds, "
           f"{cfg.model.family}-{cfg.model.size} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
           f"attack={cfg.attack.name}; defenses={[d.name for d in cfg.defenses] or 'none'}", file=sys.stderr)
+    from fl.stopping import StopOnSignal
+
+    def resume_hint(run_id: str) -> str:
+        sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+        return (f"fedprobe run {shlex.quote(args.config)}{sets} --resume {run_id}"
+                + (f" --tracking-uri {shlex.quote(args.tracking_uri)}" if args.tracking_uri else ""))
+
+    stop = StopOnSignal(uri, resume_hint)
+    options = RunOptions(tracking_uri=uri, progress=not args.no_progress, resume_run_id=args.resume,
+                         resume_extend=args.resume_extend, parent_run_id=args.parent_run_id, run_name=args.run_name,
+                         on_start=stop.on_start)
     try:
-        summary = simulate(cfg, RunOptions(tracking_uri=uri, progress=not args.no_progress, resume_run_id=args.resume,
-                                           resume_extend=args.resume_extend,
-                                           parent_run_id=args.parent_run_id, run_name=args.run_name),
-                           verbose=args.verbose)
+        with stop:
+            summary = simulate(cfg, options, verbose=args.verbose)
     except SimulationError as exc:
         cause = exc.__cause__
         code = EXIT_USAGE if isinstance(cause, (ValueError, FileNotFoundError, KeyError)) else EXIT_FAILED
@@ -146,8 +227,11 @@ def _print_summary(summary: dict) -> None:
         v = final[k]
         shown = format_psnr(v) if "psnr" in k and v == v else f"{v:.4g}"
         print(f"  {k:<24} {shown}")
-    print(f"MLflow: {summary['tracking_uri']} (run id {summary['run_id']}); browse with: "
-          f"mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    from fl.tracking import experiment_url
+
+    print(f"MLflow: {summary['tracking_uri']} (run id {summary['run_id']}); browse with:\n"
+          f"  mlflow ui --backend-store-uri {summary['tracking_uri']}\n"
+          f"  then open {experiment_url('http://127.0.0.1:5000', summary['experiment_id'])}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -181,13 +265,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet() -> None:
+    """fedprobe's own lines, the progress bar and the summary: third-party INFO lines and warnings that
+    a user cannot act on stay out of the terminal (``--verbose`` shows them). Set before those libraries load."""
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
+    os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+    for category, module in ((FutureWarning, "ray"), (FutureWarning, "flwr"), (DeprecationWarning, "ray"),
+                             (UserWarning, "mlflow"), (FutureWarning, "mlflow")):
+        warnings.filterwarnings("ignore", category=category, module=rf"{module}(\..*)?$")
+    warnings.filterwarnings("ignore", message=".*noload.*")  # SQLAlchemy 2.1 deprecation inside MLflow's store
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):
+        _quiet()
     if args.command == "list":
         return cmd_list()
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "check":
+        return cmd_check(args)
     if args.command == "sweep":
         return cmd_sweep(args)
     if args.command == "report":

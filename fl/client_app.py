@@ -7,6 +7,8 @@ client needs nothing but its ``partition-id`` (node config) to take part.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import warnings
 
 import numpy as np
@@ -18,6 +20,11 @@ from fl.config import config_from_dict
 from fl.training import derive_seed, train_client
 
 app = ClientApp()
+
+# In Ray's workers: Flower's actor lifecycle lines ("Manually terminating ClientAppActor") reach the user's
+# terminal through Ray's log forwarding; fedprobe run --verbose (FEDPROBE_VERBOSE=1, inherited) keeps them.
+if os.environ.get("FEDPROBE_VERBOSE") != "1":
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 # Opacus' hooks warn on every step when inputs need no gradient (the usual case): noise, not news.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")

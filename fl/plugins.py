@@ -42,10 +42,13 @@ def check_names(cfg: Config) -> None:
             raise ConfigError(f"{key}: {exc}") from None
 
 
-def preflight(cfg: Config) -> None:
-    """Load the data and build the model once, so a bad path or model option fails before Ray starts."""
+def preflight(cfg: Config, build: bool = True) -> None:
+    """Load the data and build the model once, so a bad path or model option fails before Ray starts.
+
+    ``build = False`` (``fedprobe check``) checks the model from its config alone (``models.check_model``):
+    the same refusals but for what only building the weights finds, in a few seconds instead of ten."""
     from fl.data import load_federated
-    from models import build_model
+    from models import build_model, check_model
 
     check_names(cfg)
     import os
@@ -61,10 +64,10 @@ def preflight(cfg: Config) -> None:
             ATTACKS.create(cfg.attack.name, **cfg.attack.params)
         except (TypeError, ValueError, RegistryError) as exc:
             raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
-    from fl.training import build_defenses
+    from defenses.base import DEFENSES
 
-    try:  # defense constructors only validate their parameters (no side effects)
-        build_defenses(cfg)
+    try:  # defense constructors only validate their parameters (no side effects); registries() imported them
+        [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
     except (TypeError, ValueError, RegistryError) as exc:
         raise ConfigError(f"defenses: {exc}".replace("\n", " ")) from None
     if cfg.audit.name not in ("", "none"):
@@ -93,7 +96,10 @@ def preflight(cfg: Config) -> None:
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
     try:
-        build_model(cfg.model, data.task, seed=cfg.experiment.seed)
+        if build:
+            build_model(cfg.model, data.task, seed=cfg.experiment.seed)
+        else:
+            check_model(cfg.model, data.task)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
     except Exception as exc:  # transformers' config validation raises its own error types (not ValueError)

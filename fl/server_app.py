@@ -29,7 +29,7 @@ from fl.client_app import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
 from fl.server_hook import ServerHook
 from fl.strategy import PartitionSampledFedAvg, discover_partitions
-from fl.tracking import Tracker
+from fl.tracking import Tracker, provenance, publish_view
 from fl.training import build_defenses, evaluate, resolve_device, seed_everything
 
 log = logging.getLogger("fedprobe")
@@ -62,6 +62,15 @@ def _tags(cfg: Config) -> dict[str, str]:
         "optimizer": cfg.optimizer.name, "attention": cfg.model.attention, "adapter": cfg.model.adapter,
         "fedprobe.config_digest": cfg.digest(),
     }
+
+
+def describe(cfg: Config) -> str:
+    """The run's description when the config has none (MLflow shows it on the run page)."""
+    fed = cfg.federation
+    defenses = ", ".join(f"{d.name} {d.params}" if d.params else d.name for d in cfg.defenses) or "no defense"
+    return (f"{cfg.experiment.name}: {cfg.model.family}-{cfg.model.size} on {cfg.data.dataset}, {fed.num_clients} "
+            f"clients x {fed.rounds} rounds, {cfg.optimizer.name} lr {cfg.optimizer.lr:g}; attack "
+            f"{cfg.attack.name}; {defenses}; seed {cfg.experiment.seed}")
 
 
 def _checkpoint_path(cfg: Config, run_id: str) -> Path:
@@ -133,8 +142,10 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
 
     ckpt: dict[str, Any] = check_resume(cfg, options.resume_run_id, options.tracking_uri, options.resume_extend) \
         if options.resume_run_id else {}
+    source_tags, versions = provenance(cfg.experiment.description or describe(cfg))
     tracker = Tracker(options.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment,
-                      options.run_name or cfg.tracking.run_name or cfg.experiment.name, tags=_tags(cfg),
+                      options.run_name or cfg.tracking.run_name or cfg.experiment.name,
+                      tags={**_tags(cfg), **source_tags},
                       parent_run_id=options.parent_run_id or None, run_id=options.resume_run_id or None)
     start_round = 1
     history: list[dict[str, float]] = []
@@ -150,7 +161,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
         log.warning("resuming run %s after round %d", tracker.run_id, ckpt["round"])
     else:
         tracker.log_params(cfg.to_dict())
-        tracker.log_params({"model.trainable_parameters": trainable, "model.total_parameters": total})
+        tracker.log_params({"model.trainable_parameters": trainable, "model.total_parameters": total, **versions})
         tracker.log_dict(cfg.to_dict(), "config.json")
 
     status = "FAILED"
@@ -245,6 +256,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=len(history))
             tracker.log_dict(summary, "summary.json")
             tracker.finish(status)
+            publish_view(tracker.client, tracker.experiment_id, [f"final_{k}" for k in final])
         except Exception as exc:  # tracking must never hide the run's own error
             log.error("could not finalise MLflow run %s: %s", tracker.run_id, exc)
     return summary
@@ -261,7 +273,8 @@ def _final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
 def _log_attack_rows(tracker: Tracker, rows: list[dict[str, Any]], rnd: int) -> None:
     for row in rows:
         pid = row["client"]
-        tracker.log_metrics({f"{k}/client_{pid}": v for k, v in row.items()
+        # one "per_victim" chart section in MLflow, below the run's headline metrics
+        tracker.log_metrics({f"per_victim/{k}/client_{pid}": v for k, v in row.items()
                              if k.startswith("attack_") and isinstance(v, float)}, step=rnd)
         for path in row.get("artifacts", []):
             tracker.log_artifact(path, f"attacks/round_{rnd}")

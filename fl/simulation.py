@@ -129,6 +129,7 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
 
     previous_secret = os.environ.get(SECRET_ENV)
     os.environ[SECRET_ENV] = secret  # inherited by Ray's worker processes (the clients)
+    os.environ["FEDPROBE_VERBOSE"] = "1" if verbose else "0"  # the clients' log level (fl.client_app)
     try:
         run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
     finally:

@@ -42,9 +42,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast (before a run starts) when a remote tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+    """Fail fast (before a run starts) on a tracking URI MLflow cannot use, or a server that does not answer."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r}: MLflow cannot track to {scheme or 'a bare path'!r}; use "
+                            "sqlite:///PATH.db (the default), http(s)://HOST:PORT of an MLflow server, file:///DIR, "
+                            "or a database URL (postgresql://, mysql://, mssql://)")
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+            raise TrackingError(f"tracking URI {uri!r}: cannot write in {folder}; pass --tracking-uri "
+                                "sqlite:///A/WRITABLE/PATH/mlflow.db")
+    if scheme not in ("http", "https"):
         return
     import urllib.error
     import urllib.request
@@ -55,6 +68,73 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({exc}); start it or pass --tracking-uri with a reachable one"
         ) from None
+
+
+# The runs table's columns when the experiment opens through the URL fedprobe prints (MLflow's shared view
+# state: an experiment tag named mlflow.sharedViewState.<key>, loaded by ?viewStateShareKey=<key>).
+VIEW_KEY = "fedprobe"
+HEADLINE = ("final_accuracy", "final_perplexity", "final_test_loss", "final_epsilon", "final_central_epsilon",
+            "final_audit_epsilon_lower", "final_attack_recovered_fraction", "final_attack_psnr_median",
+            "final_attack_token_accuracy", "final_attack_label_accuracy", "final_attack_label_baseline")
+PACKAGES = ("fedprobe", "flwr", "ray", "torch", "transformers", "opacus", "dp-accounting", "peft", "mlflow")
+
+
+def provenance(description: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(run tags, run params) that say what ran: the description MLflow shows on the run page
+    (``mlflow.note.content``), the git commit of fedprobe's source when it is a checkout, and versions."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "fedprobe"}
+    if description:
+        tags["mlflow.note.content"] = description
+    src = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    if len(commit) == 40:
+        tags["mlflow.source.git.commit"] = commit
+        tags["fedprobe.source_dirty"] = "true" if dirty else "false"
+    params = {"versions.python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            params[f"versions.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            params[f"versions.{pkg}"] = "not installed"
+    return tags, params
+
+
+def publish_view(client: Any, experiment_id: str, metric_keys: list[str] | tuple[str, ...] = ()) -> None:
+    """Make the experiment open as model training (not MLflow 3's GenAI view) and give its runs table
+    the headline columns: the final metrics present, then the attack and defense tags."""
+    exp = client.get_experiment(experiment_id)
+    if "mlflow.experimentKind" not in exp.tags:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    tag = f"mlflow.sharedViewState.{VIEW_KEY}"
+    try:
+        old = json.loads(exp.tags.get(tag, "{}")).get("selectedColumns", [])
+    except ValueError:
+        old = []
+    present = set(metric_keys)
+    new = [f"metrics.`{k}`" for k in HEADLINE if k in present]
+    cols = [c for c in ["tags.`attack`", "tags.`defense`", *old, *new] if c]
+    cols = list(dict.fromkeys(cols))
+    metric_cols = sorted((c for c in cols if c.startswith("metrics.")),
+                         key=lambda c: HEADLINE.index(c[9:-1]) if c[9:-1] in HEADLINE else len(HEADLINE))
+    state = {"selectedColumns": [c for c in cols if not c.startswith("metrics.")] + metric_cols,
+             "orderByKey": "attributes.start_time", "orderByAsc": False, "runsHiddenMode": "SHOW_ALL"}
+    if exp.tags.get(tag) != json.dumps(state):
+        client.set_experiment_tag(experiment_id, tag, json.dumps(state))
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """Where the experiment opens on its runs table with the headline columns (``mlflow ui`` at ``base``)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
 class Tracker:
@@ -73,6 +153,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        publish_view(self.client, self.experiment_id)
         if reuse_tags and not run_id:  # reuse the newest run carrying these tags (a sweep's parent)
             found = self.client.search_runs([self.experiment_id], filter_string=" and ".join(
                 f"tags.`{k}` = '{v}'" for k, v in reuse_tags.items()), max_results=1, order_by=["start_time DESC"])

@@ -5,6 +5,6 @@
 """
 
 from models import families as _families  # noqa: F401  (registers vit, bert, gpt2)
-from models.build import MODELS, ModelError, ModelFamily, apply_overrides, build_model, count_parameters
+from models.build import MODELS, ModelError, ModelFamily, apply_overrides, build_model, check_model, count_parameters
 
-__all__ = ["MODELS", "ModelError", "ModelFamily", "apply_overrides", "build_model", "count_parameters"]
+__all__ = ["MODELS", "ModelError", "ModelFamily", "apply_overrides", "build_model", "check_model", "count_parameters"]

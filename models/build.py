@@ -126,14 +126,19 @@ def _from_pretrained(fam: ModelFamily, path_str: str, task: TaskSpec, params: di
         raise ModelError(f"model.pretrained: cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
 
 
-def build_model(cfg: ModelConfig, task: TaskSpec, seed: int = 0) -> nn.Module:
-    """The model ``cfg`` describes, for ``task``; same seed -> same initial weights."""
+def _resolve(cfg: ModelConfig, task: TaskSpec) -> tuple[ModelFamily, dict[str, Any], str]:
+    """(family, config overrides, attention implementation) after the checks every model path needs."""
     fam = _family(cfg.family)
     fam.check_task(task)
     if cfg.size not in fam.sizes:
         raise ModelError(f"model.size {cfg.size!r} unknown for {fam.name!r}; choose one of: {', '.join(fam.sizes)}")
     params = dict(cfg.params)
-    attn = params.pop("attn_implementation", DEFAULT_ATTN)
+    return fam, params, params.pop("attn_implementation", DEFAULT_ATTN)
+
+
+def build_model(cfg: ModelConfig, task: TaskSpec, seed: int = 0) -> nn.Module:
+    """The model ``cfg`` describes, for ``task``; same seed -> same initial weights."""
+    fam, params, attn = _resolve(cfg, task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.pretrained:
@@ -154,6 +159,29 @@ def build_model(cfg: ModelConfig, task: TaskSpec, seed: int = 0) -> nn.Module:
 
             model = apply_adapter(model, cfg.adapter, task, **cfg.adapter_params)
     return model
+
+
+def check_model(cfg: ModelConfig, task: TaskSpec) -> None:
+    """What :func:`build_model` would refuse, found from the config alone (no weights, no model class
+    imported): family and task, size, ``pretrained`` folder, ``params`` overrides, attention kernel
+    parameters. ``fedprobe check`` uses it to answer in seconds; ``fedprobe run`` still builds the model."""
+    fam, params, attn = _resolve(cfg, task)
+    if attn not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
+        raise ModelError(f"model.params.attn_implementation {attn!r} unknown; use 'eager' (default) or 'sdpa'")
+    if cfg.pretrained:
+        path = Path(cfg.pretrained).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.pretrained: {path} has no config.json (give a folder written by save_pretrained, "
+                             "or '' for random init)")
+        config = fam.config_class().from_pretrained(str(path), local_files_only=True)
+        fam.fit_pretrained(config, task)
+    else:
+        config = fam.config(cfg.size, task)
+    apply_overrides(config, params, fam.name)
+    if cfg.attention != "standard":
+        from models.attention import ATTENTION
+
+        ATTENTION.create(cfg.attention, **cfg.attention_params)  # kernel constructors validate their parameters
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

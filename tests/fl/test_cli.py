@@ -61,3 +61,70 @@ def test_unreachable_tracking_server_fails_before_the_run(tmp_path):
     assert proc.returncode == 2 and "unreachable" in proc.stderr
     assert json.dumps  # summary never written
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("fedprobe ") and out.split()[1][0].isdigit()
+
+
+def test_missing_config_answers_without_heavy_imports(tmp_path):
+    """The config is read before torch, Flower or Ray are imported: a wrong path answers at once."""
+    code = ("import sys; from fl.cli import main; rc = main(['run', 'missing.toml']); "
+            "heavy = [m for m in ('torch', 'flwr', 'ray', 'mlflow', 'transformers') if m in sys.modules]; "
+            "print(rc, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.stdout.strip() == "2 []", proc.stdout + proc.stderr
+    assert "config file not found" in proc.stderr
+
+
+CHECK_CASES = [
+    ("attack.victims=[42]", "attack.victims [42] are not partitions"),
+    ("attack.params.iterationz=3", "unexpected parameters ['iterationz']"),
+    ("defenses.0.params.noise_multiplier=-1", "noise_multiplier must be a finite number >= 0"),
+    ("tracking.output_dir='/proc/fedprobe-no'", "tracking.output_dir '/proc/fedprobe-no' is not writable"),
+    ("model.params.hidden_size=30", "not a multiple of the 4 attention heads"),
+    ("model.params.hidden_sise=64", "model.params.hidden_sise is not a ViTConfig field"),
+    ("model.attention='nope'", "unknown attention kernel 'nope'"),
+    ("tracking.uri='ftp://host/x'", "MLflow cannot track to 'ftp'"),
+    ("federation.min_replies=11", "min_replies"),
+]
+
+
+@pytest.mark.parametrize("override, fragment", CHECK_CASES)
+def test_check_refuses_with_one_line(override, fragment, tmp_path, repo_root):
+    proc = _run(["check", str(repo_root / "experiments/quickstart.toml"), "--set", override], tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and fragment in err[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_check_refuses_an_unknown_resume_id(tmp_path, repo_root):
+    proc = _run(["check", str(repo_root / "experiments/quickstart.toml"), "--resume", "deadbeef"], tmp_path)
+    assert proc.returncode == 2 and "--resume deadbeef: no checkpoint" in proc.stderr
+
+
+def test_check_passes_and_prints_the_plan(tmp_path, repo_root):
+    proc = _run(["check", str(repo_root / "experiments/quickstart.toml")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "OK" in out and "10 clients, 10 per round, 3 rounds" in out
+    assert "attack: idlg" in out and "victims [0] in rounds [1]" in out
+    assert "defense: dp_sgd" in out and "accountant='rdp'" in out  # the defaults it will run with
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started or created
+
+
+def test_dry_run_builds_the_model_prints_the_resolved_config_and_starts_nothing(tmp_path, repo_root):
+    import tomllib
+
+    proc = _run(["run", str(repo_root / "experiments/quickstart.toml"), "--dry-run", "--set", "federation.rounds=2"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    config_part, plan_part = proc.stdout.split("# plan", 1)
+    resolved = tomllib.loads(config_part)
+    assert resolved["federation"]["rounds"] == 2 and resolved["federation"]["batch_size"] == 16  # a default, filled in
+    assert "2 rounds" in plan_part and "nothing was started" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()

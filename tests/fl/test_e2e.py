@@ -48,8 +48,24 @@ def test_tiny_simulation_logs_every_round(tmp_path, monkeypatch):
     replied = [m.value for m in client.get_metric_history(run.info.run_id, "clients_replied")]
     assert replied == [3.0, 3.0]
     # the attack ran on the two victims only
-    assert client.get_metric_history(run.info.run_id, "attack_update_norm/client_0")
-    assert not client.get_metric_history(run.info.run_id, "attack_update_norm/client_1")
+    assert client.get_metric_history(run.info.run_id, "per_victim/attack_update_norm/client_0")
+    assert not client.get_metric_history(run.info.run_id, "per_victim/attack_update_norm/client_1")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "summary.json", "model"} <= artifacts
     assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    # what the MLflow UI shows: a training experiment, the headline columns, a description, versions, the commit
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    columns = json.loads(exp.tags["mlflow.sharedViewState.fedprobe"])["selectedColumns"]
+    assert columns.index("metrics.`final_accuracy`") < columns.index("metrics.`final_test_loss`")
+    assert "tags.`attack`" in columns
+    assert run.data.tags["mlflow.note.content"].startswith("tiny-e2e: vit-tiny on digits, 3 clients x 2 rounds")
+    assert run.data.params["versions.torch"] and run.data.params["versions.flwr"].startswith("1.42")
+    import pathlib
+    import subprocess
+
+    import fl
+
+    source = pathlib.Path(fl.__file__).resolve().parent.parent  # the tests run from a checkout (CI clones one)
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.data.tags["mlflow.source.git.commit"] == head.strip()

@@ -1,0 +1,78 @@
+"""Ctrl-C on a running ``fedprobe run``: out within seconds, no Ray process left, the MLflow run KILLED."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from mlflow import MlflowClient
+
+LONG = """
+[experiment]
+name = "sigint"
+[federation]
+num_clients = 2
+rounds = 500
+local_steps = 2
+batch_size = 8
+[data]
+dataset = "digits"
+[model]
+family = "vit"
+size = "tiny"
+[tracking]
+output_dir = "out"
+"""
+
+
+def _ray_children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [p for p in proc.children(recursive=True) if "ray" in " ".join(p.cmdline()).lower()]
+    except psutil.Error:
+        return []
+
+
+def _live(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()}")
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_sigint_stops_run_kills_ray_and_marks_killed(tmp_path):
+    (tmp_path / "long.toml").write_text(LONG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fl.cli", "run", "long.toml", "--tracking-uri", uri, "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 240
+    seen: list[psutil.Process] = []
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until clients train in Ray actors
+        seen = _ray_children(ps)
+        if any("ClientAppActor" in " ".join(p.cmdline()) for p in seen if p.is_running()):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(3)
+    seen = _ray_children(ps) or seen
+    assert seen, "no Ray processes were found under the run"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert took < 15, f"exit took {took:.1f} s\n{out}"
+    assert proc.returncode == 130, out
+    time.sleep(1)
+    assert _live(seen) == [], f"Ray processes left: {_live(seen)}"
+    runs = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("fedprobe").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"], out
+    run_id = runs[0].info.run_id
+    assert f"--resume {run_id}" in out and "Traceback" not in out, out
