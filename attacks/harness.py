@@ -48,7 +48,8 @@ def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, tas
     ``label_prior`` (class frequencies the server knows, e.g. of its own test split) adds
     ``label_baseline``: the score of the best data-free guess on the same batch. ``image_prior``
     (a mean image [C, H, W] the server knows, in the task's normalised space) adds ``psnr_baseline``:
-    the median PSNR of that one image against each original, the data-free guess's score."""
+    the median PSNR of that one image against each original, the data-free guess's score, and
+    ``recovered_baseline``: the share of originals that guess already "recovers" (PSNR >= ``recovered_psnr``)."""
     if not ground_truth:
         return {}
     out: dict[str, float] = {}
@@ -57,7 +58,9 @@ def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, tas
         out.update(image_scores(to_unit_range(rec.inputs, task), orig, recovered_psnr=recovered_psnr))
         if image_prior is not None:
             guess = to_unit_range(image_prior.reshape(1, *orig.shape[1:]), task).expand_as(orig)
-            out["psnr_baseline"] = float(per_example_psnr(guess, orig).clamp(max=EXACT_PSNR).median())
+            guess_psnr = per_example_psnr(guess, orig)
+            out["psnr_baseline"] = float(guess_psnr.clamp(max=EXACT_PSNR).median())
+            out["recovered_baseline"] = float((guess_psnr >= recovered_psnr).float().mean())  # the guess's "recovered"
     if rec.tokens is not None and "input_ids" in ground_truth:
         out.update(text_scores(rec.tokens.cpu(), ground_truth["input_ids"].cpu(), ground_truth.get("attention_mask")))
     if "X" in rec.artifacts and "W" in rec.artifacts and "attention_input" in ground_truth:

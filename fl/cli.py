@@ -265,25 +265,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet() -> None:
-    """fedprobe's own lines, the progress bar and the summary: third-party INFO lines and warnings that
-    a user cannot act on stay out of the terminal (``--verbose`` shows them). Set before those libraries load."""
-    import os
-    import warnings
-
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
-    os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
-    for category, module in ((FutureWarning, "ray"), (FutureWarning, "flwr"), (DeprecationWarning, "ray"),
-                             (UserWarning, "mlflow"), (FutureWarning, "mlflow")):
-        warnings.filterwarnings("ignore", category=category, module=rf"{module}(\..*)?$")
-    warnings.filterwarnings("ignore", message=".*noload.*")  # SQLAlchemy 2.1 deprecation inside MLflow's store
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    import os
+
+    from fl.quiet import environment, quiet
+
+    environment()
+    os.environ["FEDPROBE_VERBOSE"] = "1" if getattr(args, "verbose", False) else "0"  # also read by Ray's workers
     if not getattr(args, "verbose", False):
-        _quiet()
+        quiet()
     if args.command == "list":
         return cmd_list()
     if args.command == "run":

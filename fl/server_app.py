@@ -12,6 +12,7 @@ checkpoint. ``run_federation`` is the loop; ``app`` is the ServerApp that
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import time
@@ -295,7 +296,15 @@ def config_from_context(context: Context) -> Config:
     return load_config(path, overrides)
 
 
-app = ServerApp()
+app = ServerApp()  # `flwr run .`: the CLI's quiet defaults apply here too (FEDPROBE_VERBOSE=1 keeps the noise)
+if os.environ.get("FEDPROBE_VERBOSE") != "1":
+    from fl.quiet import quiet
+
+    quiet()
+else:
+    from fl.quiet import environment
+
+    environment()
 
 
 @app.main()

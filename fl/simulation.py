@@ -25,12 +25,10 @@ from typing import Any
 
 from defenses.randomness import SECRET_ENV, new_secret
 from fl.config import Config
+from fl.quiet import environment
 from fl.server_app import RunOptions, run_federation
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+environment()
 
 
 class SimulationError(RuntimeError):
@@ -87,12 +85,10 @@ def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[s
     from flwr.supercore.telemetry import EventType
 
     if not verbose:  # Flower's per-round INFO lines and MLflow's table-migration notes drown the progress bar
-        import warnings
+        from fl.quiet import quiet
 
+        quiet()
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", module="mlflow.*")
-        warnings.filterwarnings("ignore", message=".*noload.*")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, backend_name="ray", backend_config=backend,

@@ -186,3 +186,15 @@ def test_psnr_baseline_scores_the_prior_image_not_the_attack():
     assert s["psnr"] == 80.0 and s["psnr_baseline"] == pytest.approx(float(expected)) and s["psnr_baseline"] < 30
     one = orig[1:2]  # a prior equal to the (only) original is an exact guess
     assert score(Reconstruction(inputs=one), {"pixel_values": one}, IMG, image_prior=one[0])["psnr_baseline"] == 80.0
+
+
+def test_recovered_baseline_is_the_share_the_prior_image_already_recovers():
+    from attacks.harness import score
+
+    g = torch.Generator().manual_seed(5)
+    orig = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    prior = orig[2]  # equal to one original of four: that one is "recovered" by the data-free guess
+    s = score(Reconstruction(inputs=orig.clone()), {"pixel_values": orig}, IMG, image_prior=prior)
+    assert s["recovered_fraction"] == 1.0 and s["recovered_baseline"] == 0.25
+    far = score(Reconstruction(inputs=orig.clone()), {"pixel_values": orig}, IMG, image_prior=orig.mean(0))
+    assert far["recovered_baseline"] == 0.0

@@ -128,3 +128,17 @@ def test_dry_run_builds_the_model_prints_the_resolved_config_and_starts_nothing(
     assert resolved["federation"]["rounds"] == 2 and resolved["federation"]["batch_size"] == 16  # a default, filled in
     assert "2 rounds" in plan_part and "nothing was started" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_run_prints_only_fedprobes_own_lines(tmp_path):
+    """Quiet by default: no MLflow INFO lines, Ray or SQLAlchemy warnings, Flower actor lines (--verbose has them)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nnum_clients = 2\nrounds = 1\nlocal_steps = 1\nbatch_size = 8\n"
+                   "[attack]\nname = 'update_norm'\n")
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", "run", str(cfg), "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    foreign = [line for line in lines if not line.startswith(("fedprobe:", "rounds:"))]
+    assert foreign == [], proc.stderr
+    assert "finished after 1 rounds" in proc.stdout

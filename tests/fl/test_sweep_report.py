@@ -125,3 +125,56 @@ def test_plot_puts_audit_lower_and_accountant_upper_bound_on_one_axis(tmp_path):
     audited = Image.open(io.BytesIO(plot(rows, "t")))
     assert audited.size[1] > plain.size[1]  # one more row of panels: the bounds
     (tmp_path / "bounds.png").write_bytes(plot(rows, "t"))
+
+
+SWEPT = ["defenses.0.params.noise_multiplier", "defenses"]
+
+
+def _point(i, sigma, acc, rec, defense="dp_sgd"):
+    eps = {0.5: 5.0, 0.1: 300.0, 1.0: 1.5}.get(sigma, float("inf"))
+    return {"name": f"{i:03d}", "status": "FINISHED", "run_id": f"r{i}", "fedprobe.dataset": "digits",
+            "fedprobe.model": "vit-tiny", "attack": "best_of", "defense": defense, "recovered_psnr": 30.0,
+            "defenses.0.params.noise_multiplier": "" if sigma is None else str(sigma), "defenses": "",
+            "epsilon": float("inf") if sigma is None else eps, "accuracy": acc, "attack_recovered_fraction": rec,
+            "attack_recovered_baseline": 0.1}
+
+
+def test_report_has_one_panel_per_question_labelled_points_in_swept_order_and_a_no_defense_star():
+    from fl.report import figure, setting
+
+    # accuracy is not monotone in epsilon here: a curve sorted by x would zig-zag differently from the sweep order
+    rows = [_point(0, 0.5, 0.40, 0.0), _point(1, 1.0, 0.30, 0.0), _point(2, 0.1, 0.20, 0.5),
+            _point(3, None, 0.9, 1.0, defense="none")]
+    assert [setting(r, SWEPT) for r in rows] == ["σ=0.5", "σ=1.0", "σ=0.1", "no defense"]
+    fig = figure(rows, "t", SWEPT)
+    visible = [ax for ax in fig.axes if ax.axison]
+    assert len(visible) == 3  # utility vs eps, attack vs eps, utility vs attack: no repeated panel
+    ax_u, ax_a, ax_ua = visible
+    curve = next(line for line in ax_u.get_lines() if line.get_marker() == "o")
+    assert list(curve.get_ydata()) == [0.20, 0.40, 0.30]  # sigma 0.1, 0.5, 1.0: the swept order
+    stars = [line for line in ax_u.get_lines() if line.get_marker() == "*"]
+    assert len(stars) == 1 and stars[0].get_xdata()[0] > 300.0 and stars[0].get_ydata()[0] == 0.9
+    assert ax_u.get_xticklabels()[-1].get_text() == "∞"
+    dashed = [line for line in ax_a.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and set(dashed[0].get_ydata()) == {0.1}  # the data-free guess
+    assert {t.get_text() for t in ax_ua.texts} == {"σ=0.5", "σ=1.0", "σ=0.1", "no defense"}
+    assert "dB" in ax_a.get_ylabel() and "share" in ax_u.get_ylabel()
+
+
+def test_report_table_shows_no_defense_as_infinite_epsilon_and_each_point_once():
+    from types import SimpleNamespace as NS
+
+    from fl.report import collect_points, render_html
+
+    def run(rid, digest, status, t, acc):
+        return NS(info=NS(run_id=rid, run_name=f"000 {digest}", status=status, start_time=t),
+                  data=NS(params={"defenses": "[]"}, metrics={"final_accuracy": acc},
+                          tags={"fedprobe.config_digest": digest, "defense": "none"}))
+
+    children = [run("b", "d1", "FINISHED", 2, 0.7), run("a", "d1", "FAILED", 3, 0.1), run("c", "d2", "RUNNING", 1, 0.2)]
+    client = NS(search_runs=lambda *a, **k: sorted(children, key=lambda r: -r.info.start_time))
+    parent = NS(info=NS(experiment_id="1", run_id="p"), data=NS(tags={"fedprobe.swept_keys": '["defenses"]'}))
+    _, rows = collect_points(client, parent)
+    assert sorted((r["run_id"], r["status"]) for r in rows) == [("b", "FINISHED"), ("c", "RUNNING")]
+    page = render_html("t", "p", ["name", "epsilon", "accuracy"], rows, b"png")
+    assert page.count("∞ (no defense)") == 2
