@@ -237,13 +237,16 @@ def _print_summary(summary: dict) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fl.config import ConfigError
     from fl.registry import RegistryError
-    from fl.sweep import run_sweep
+    from fl.sweep import SweepInterrupted, run_sweep
     from fl.tracking import TrackingError
 
     try:
         result = run_sweep(args.sweep, args.tracking_uri, args.parallel, progress=not args.no_progress)
     except (ConfigError, RegistryError, TrackingError) as exc:
         return _err(str(exc), EXIT_USAGE)
+    except SweepInterrupted as exc:
+        print(f"\nfedprobe: {exc}", file=sys.stderr)
+        return 130
     print(f"sweep: {result['ran']} points run, {result['skipped']} skipped (already finished), "
           f"{len(result['failed'])} failed; parent run {result['parent_run_id']}")
     if not args.no_report:

@@ -118,6 +118,10 @@ def load_sweep(path: str | Path) -> Sweep:
                  points=points, digest=digest, experiment=first.tracking.experiment, tracking_uri=first.tracking.uri)
 
 
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C during a sweep: the running points were stopped and marked KILLED."""
+
+
 def find_or_create_parent(sweep: Sweep, uri: str) -> Any:
     """The sweep's parent run (matched by sweep name and point set), created on first use."""
     from fl.tracking import Tracker
@@ -136,6 +140,37 @@ def finished_digests(tracker: Any) -> set[str]:
     return {r.data.tags.get("fedprobe.config_digest", "") for r in runs}
 
 
+RUNNING: set[subprocess.Popen] = set()  # the points' processes, to pass an interrupt on to
+
+
+def _interrupt_points(timeout_s: float = 15.0) -> None:
+    """Ctrl-C reaches the points through the terminal's process group; a signal sent to the sweep alone does
+    not. Send each running point SIGINT (it marks its run KILLED and stops its Ray) and wait for it."""
+    import signal
+
+    procs = list(RUNNING)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def mark_stale_children(tracker: Any) -> int:
+    """Child runs still RUNNING when the sweep (re)starts belong to a sweep that was killed (it runs its points
+    itself): mark them KILLED so that the store and the report show each point's real state."""
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}' and "
+                                                    "attributes.status = 'RUNNING'", max_results=10000)
+    for r in runs:
+        tracker.client.set_terminated(r.info.run_id, status="KILLED")
+    return len(runs)
+
+
 def _run_point(point: Point, parent_id: str, uri: str, workdir: Path) -> tuple[Point, int, str]:
     import tomli_w
 
@@ -146,7 +181,12 @@ def _run_point(point: Point, parent_id: str, uri: str, workdir: Path) -> tuple[P
     cmd = [sys.executable, "-m", "fl.cli", "run", str(cfg_path), "--tracking-uri", uri, "--parent-run-id", parent_id,
            "--no-progress", "--summary-json", str(summary), "--run-name", f"{point.index:03d} {point.label()}"]
     with log.open("w") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        RUNNING.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            RUNNING.discard(proc)
     tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
     return point, code, tail[0] if tail else ""
 
@@ -164,6 +204,10 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
     uri = resolve_uri(tracking_uri or sweep.tracking_uri)
     check_reachable(uri)
     parent = find_or_create_parent(sweep, uri)
+    stale = mark_stale_children(parent)
+    if stale:
+        print(f"fedprobe sweep {sweep.name}: {stale} child run(s) left RUNNING by a killed sweep marked KILLED",
+              file=sys.stderr)
     done = finished_digests(parent)
     todo = [p for p in sweep.points if p.digest not in done]
     workdir = Path(sweep.points[0].config.tracking.output_dir) / "sweeps" / safe_filename(
@@ -174,7 +218,9 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
     failed: list[str] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="points", unit="point", disable=not progress, dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=parallel or sweep.parallel) as pool:
+    pool = ThreadPoolExecutor(max_workers=parallel or sweep.parallel)
+    futures: list[Any] = []
+    try:
         futures = [pool.submit(_run_point, p, parent.run_id, uri, workdir) for p in todo]
         for fut in as_completed(futures):
             point, code, tail = fut.result()
@@ -182,6 +228,16 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
                 failed.append(f"point {point.index} ({point.label()}): exit {code}: {tail}")
                 print(f"fedprobe sweep: {failed[-1]}", file=sys.stderr)
             bar.update(1)
+    except KeyboardInterrupt:
+        for fut in futures:
+            fut.cancel()
+        _interrupt_points()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        parent.finish("KILLED")
+        raise SweepInterrupted(f"sweep {sweep.name} interrupted; parent run {parent.run_id} KILLED. Rerun "
+                               f"'fedprobe sweep {path}' to continue: its finished points are skipped") from None
+    pool.shutdown(wait=True)
     bar.close()
     parent.log_dict({"sweep": sweep.name, "points": [{"index": p.index, "digest": p.digest, "overrides": p.overrides}
                                                      for p in sweep.points]}, "sweep_points.json")

@@ -76,3 +76,32 @@ def test_sigint_stops_run_kills_ray_and_marks_killed(tmp_path):
     assert [r.info.status for r in runs] == ["KILLED"], out
     run_id = runs[0].info.run_id
     assert f"--resume {run_id}" in out and "Traceback" not in out, out
+
+
+def test_sigint_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(tmp_path):
+    (tmp_path / "long.toml").write_text(LONG)
+    (tmp_path / "sweep.toml").write_text('[sweep]\nname = "s"\nbase = "long.toml"\n[sweep.grid]\n'
+                                         '"optimizer.lr" = [0.01, 0.02]\n')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "fl.cli", "sweep", "sweep.toml", "--tracking-uri", uri,
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 240
+    seen: list[psutil.Process] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = _ray_children(ps)
+        if any("ClientAppActor" in " ".join(p.cmdline()) for p in seen if p.is_running()):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()
+    seen = _ray_children(ps) or seen
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # to the sweep alone, as `kill -INT` would: it passes it on to its point
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 20, out
+    assert proc.returncode == 130 and "Traceback" not in out and "finished points are skipped" in out, out
+    time.sleep(1)
+    assert _live(seen) == [], f"Ray processes left: {_live(seen)}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("fedprobe").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"], out  # the parent and the running point

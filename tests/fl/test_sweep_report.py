@@ -178,3 +178,19 @@ def test_report_table_shows_no_defense_as_infinite_epsilon_and_each_point_once()
     assert sorted((r["run_id"], r["status"]) for r in rows) == [("b", "FINISHED"), ("c", "RUNNING")]
     page = render_html("t", "p", ["name", "epsilon", "accuracy"], rows, b"png")
     assert page.count("∞ (no defense)") == 2
+
+
+def test_a_rerun_sweep_marks_children_left_running_by_a_killed_sweep_killed(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from fl.sweep import mark_stale_children
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp).info.run_id
+    stale = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    done = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    other = client.create_run(exp).info.run_id  # not a child of this sweep: untouched
+    assert mark_stale_children(NS(client=client, experiment_id=exp, run_id=parent)) == 1
+    assert [client.get_run(r).info.status for r in (stale, done, other)] == ["KILLED", "FINISHED", "RUNNING"]
