@@ -79,13 +79,18 @@ class InversionResult:
     min_hessian_eig: list[float] = field(default_factory=list)  # Newton only: along the path
 
 
+def _fit(X: torch.Tensor, loss: torch.Tensor, lam: float) -> float:
+    """The attention-matching part of the loss (the ridge term taken out)."""
+    return float(loss) - 0.5 * lam * float((X**2).sum())
+
+
 def invert(
     W: torch.Tensor,
     B: torch.Tensor,
     *,
     X0: torch.Tensor | None = None,
     d: int | None = None,
-    lam: float = 1e-6,
+    lam: float = 0.0,
     method: Literal["newton", "gd"] = "newton",
     steps: int = 200,
     lr: float = 1.0,
@@ -103,6 +108,11 @@ def invert(
     ``method="gd"``: gradient descent with Armijo backtracking from step ``lr``.
     ``method="newton"``: Levenberg-damped Newton, X <- X - (H + mu I)^{-1} grad, the
     damping mu adapted so that every accepted step decreases L.
+
+    ``converged`` tests the data fit, 1/2 sum_h |softmax(X^T W_h X) - B_h|^2 <= ``tol``, not the regularised
+    loss: with a ridge ``lam`` > 0 the loss at the true X is already lam/2 |X|^2 (1.5e-5 at lam = 1e-6 on
+    the benchmark's problems), so a test on it could never pass and every run spent its restarts (issue 17).
+    ``lam`` defaults to 0, which solved 4/4 fresh problems where 1e-6 solved 0/4 (issue 17's measurement).
     """
     W, B = _heads(W, B)
     n = B.shape[-1]
@@ -120,8 +130,8 @@ def invert(
     t0 = time.perf_counter()
     loss, grad = loss_and_grad(X, W, B, lam)
     losses, eigs, mu, step = [float(loss)], [], damping, lr
-    it, converged = 0, False
-    for it in range(1, steps + 1):
+    it, converged = 0, _fit(X, loss, lam) <= tol  # a start that already matches the maps is a solution
+    for it in range(1, 0 if converged else steps + 1):
         if method == "gd":
             while True:  # Armijo backtracking
                 Xn = X - step * grad
@@ -144,11 +154,11 @@ def invert(
                 mu *= 10.0
             mu = max(mu / 10.0, 1e-12)
         if ln >= loss:  # no further progress possible at this precision
-            converged = float(loss) <= tol
+            converged = _fit(X, loss, lam) <= tol
             break
         X, loss, grad = Xn, ln, gn
         losses.append(float(loss))
-        if float(loss) <= tol:
+        if _fit(X, loss, lam) <= tol:
             converged = True
             break
     return InversionResult(X=X, losses=losses, iterations=it, converged=converged,
@@ -219,7 +229,7 @@ class AttentionInversion(Attack):
     threat_model = "malicious"
 
     def __init__(self, q_weight: str = "", k_weight: str = "", num_heads: int = 0, method: str = "newton",
-                 steps: int = 100, lam: float = 1e-6, restarts: int = 3, seed: int = 0) -> None:
+                 steps: int = 100, lam: float = 0.0, restarts: int = 3, seed: int = 0) -> None:
         super().__init__()
         if method not in ("newton", "gd"):
             raise ValueError(f"attention_inversion method must be 'newton' or 'gd', got {method!r}")

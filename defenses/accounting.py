@@ -31,6 +31,7 @@ DP does use amplification by client sampling, q = clients_per_round / num_client
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -79,11 +80,36 @@ def epsilon_of_history(history: Iterable[tuple[float, float, int]], delta: float
         return 0.0
     if accountant == "pld":
         return _pld_epsilon(hist, delta)
+    if accountant == "rdp":
+        return _rdp_epsilon(hist, delta)
     from opacus.accountants import create_accountant  # lazy: importing opacus takes seconds
 
     acc = create_accountant(mechanism=accountant)
     acc.history = hist
     return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(q: float, z: float) -> Any:
+    """Opacus's RDP curve of one sampled Gaussian step at its default orders (computed once per (q, z))."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as privacy_analysis
+
+    curve = privacy_analysis.compute_rdp(q=q, noise_multiplier=z, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:
+    """Opacus's ``RDPAccountant.get_epsilon`` on ``hist``, bit for bit, without recomputing each entry's curve:
+    compute_rdp(q, z, t) is the one-step curve times t, so the curve is cached per (q, z) and scaled (issue 19:
+    recomputing it was 27.6 % of a DP round's CPU)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as privacy_analysis
+
+    rdp = sum([_rdp_per_step(q, z) * t for z, q, t in hist])
+    eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _pld_epsilon(hist: list[tuple[float, float, int]], delta: float) -> float:

@@ -67,8 +67,15 @@ class Registry(Generic[T]):
         """(name, one-line summary) for every known entry, built-ins first."""
         for name in sorted(self._entries):
             yield name, _summary(self._entries[name])
-        for name in sorted(set(self._entry_points()) - set(self._entries)):
-            yield name, f"(entry point {self._entry_points()[name]})"
+        eps = self._entry_points()
+        for name in sorted(set(eps) - set(self._entries)):
+            ep = eps[name]
+            dist = getattr(getattr(ep, "dist", None), "name", "") or "an installed package"
+            try:  # a plugin's own docstring, as for built-ins; a broken plugin is listed, not fatal
+                summary = _summary(ep.load())
+            except Exception as exc:  # noqa: BLE001
+                summary = f"cannot be imported: {type(exc).__name__}: {exc}".splitlines()[0]
+            yield name, f"{summary} [plugin {ep.value} from {dist}]"
 
     def __contains__(self, name: str) -> bool:
         try:

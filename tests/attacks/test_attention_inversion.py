@@ -80,3 +80,19 @@ def test_plugin_recovers_attention_from_shared_maps():
     rec = att.attack(obs)
     assert rec.artifacts["X"].shape == (1, d, n)
     assert rec.metrics["attention_error"] < 1e-3
+
+
+def test_convergence_is_tested_on_the_attention_fit_not_the_ridge_and_the_default_solves():
+    from attacks.attention_inversion import attention_map, invert, qk_product
+
+    g = torch.Generator().manual_seed(1003)
+    W = qk_product(torch.randn(8, 8, generator=g, dtype=torch.float64) / 8**0.5,
+                   torch.randn(8, 8, generator=g, dtype=torch.float64) / 8**0.5, 4)
+    X = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    B = attention_map(X, W)
+    # at the true X the maps match exactly; the ridge term (lam/2 |X|^2 ~ 0.05 here) must not hide that
+    at_truth = invert(W, B, X0=X.clone(), lam=1e-3, steps=5)
+    assert at_truth.converged
+    solved = invert(W, B, seed=0, steps=100)  # the defaults: no ridge, Newton
+    assert solved.converged and solved.iterations < 100
+    assert (attention_map(solved.X, W) - B).norm() / B.norm() < 1e-6

@@ -119,3 +119,21 @@ def test_pld_ledger_and_calibration():
     assert PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())), "pld").epsilon(1e-5) == ledger.epsilon(1e-5)
     z = noise_multiplier_for(3.0, 1e-5, 0.1, 20, "pld")
     assert epsilon(z, 0.1, 20, 1e-5, "pld") <= 3.0 < epsilon(z - 0.02, 0.1, 20, 1e-5, "pld")
+
+
+@pytest.mark.parametrize("history", [
+    [(0.5, 1 / 9, 9)],
+    [(0.5, 1 / 9, 9), (0.5, 1 / 8, 18), (1.2, 0.05, 100)],
+    [(0.01, 1.0, 30)],
+    [(2.0, 0.004, 10_000), (0.8, 0.25, 3)],
+])
+def test_cached_rdp_epsilon_equals_opacus_bit_for_bit(history):
+    from opacus.accountants import RDPAccountant
+
+    from defenses.accounting import epsilon_of_history
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    expected = float(acc.get_epsilon(delta=1e-5))
+    assert epsilon_of_history(history, 1e-5, "rdp") == expected
+    assert epsilon_of_history(history, 1e-5, "rdp") == expected  # the cached curve gives the same again

@@ -79,3 +79,19 @@ def test_a_config_naming_os_system_fails_in_preflight(tmp_path):
     with pytest.raises(ConfigError, match="standard library"):
         preflight(cfg)
     assert not marker.exists()
+
+
+class Listed:
+    """A plugin found through an entry point."""
+
+
+def test_list_shows_an_entry_point_plugins_docstring_and_origin_not_its_repr(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    reg: Registry = Registry("widget", entry_point_group="fedprobe.widgets")
+    eps = {"ext": EntryPoint("ext", "tests.fl.test_registry:Listed", "fedprobe.widgets"),
+           "broken": EntryPoint("broken", "no_such_module_xyz:Thing", "fedprobe.widgets")}
+    monkeypatch.setattr(reg, "_entry_points", lambda: eps)
+    items = dict(reg.items())
+    assert items["ext"] == "A plugin found through an entry point. [plugin tests.fl.test_registry:Listed from an installed package]"
+    assert items["broken"].startswith("cannot be imported: ModuleNotFoundError") and "EntryPoint(" not in items["broken"]
