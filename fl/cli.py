@@ -279,18 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["FEDPROBE_VERBOSE"] = "1" if getattr(args, "verbose", False) else "0"  # also read by Ray's workers
     if not getattr(args, "verbose", False):
         quiet()
-    if args.command == "list":
-        return cmd_list()
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "check":
-        return cmd_check(args)
-    if args.command == "sweep":
-        return cmd_sweep(args)
-    if args.command == "report":
-        return cmd_report(args)
-    parser.print_help()
-    return EXIT_USAGE
+    commands = {"list": lambda: cmd_list(), "run": lambda: cmd_run(args), "check": lambda: cmd_check(args),
+                "sweep": lambda: cmd_sweep(args), "report": lambda: cmd_report(args)}
+    if args.command not in commands:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return commands[args.command]()
+    except KeyboardInterrupt:  # before a run started (checks, imports): nothing to stop or mark
+        print("\nfedprobe: interrupted before anything started", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl import ground_truth
 from fl.arrays import from_record, to_record
 from fl.config import config_from_dict
 from fl.training import derive_seed, train_client
@@ -66,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
         client_state = json.loads(str(cfg_record[RESTORE_KEY]))
     result = train_client(
         cfg, pid, from_record(msg.content["arrays"]), server_round, client_state,
-        record_oracle=bool(cfg_record.get("record-oracle", False)),
+        record_oracle=ground_truth.CONFIG_KEY in cfg_record,
     )
     context.state[STATE_KEY] = ConfigRecord({"json": json.dumps(result.client_state)})
 
@@ -78,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     })
     if result.shared:  # what the client mode shares with the server beyond its update (attention maps)
         content["shared"] = to_record(result.shared)
-    if result.oracle:  # simulation-only ground truth, stripped by the server before any attack sees the reply
-        content["oracle"] = to_record(result.oracle)
+    if result.oracle:  # simulation-only ground truth: to the scorer's folder, never into the reply (fl.ground_truth)
+        ground_truth.write(cfg.tracking.output_dir, str(cfg_record[ground_truth.CONFIG_KEY]), server_round, pid,
+                           result.oracle)
     return Message(content, reply_to=msg)

@@ -30,6 +30,7 @@ from fl.client_app import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
 from fl.server_hook import ServerHook
 from fl.strategy import PartitionSampledFedAvg, discover_partitions
+from fl import ground_truth
 from fl.tracking import Tracker, provenance, publish_view
 from fl.training import build_defenses, evaluate, resolve_device, seed_everything
 
@@ -249,6 +250,8 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             tracker.log_text("\n".join(events) + "\n", "events.txt")
         status = "FINISHED"
     finally:
+        if "hook" in locals():  # ground truth left by victims whose replies were refused
+            ground_truth.clear(cfg.tracking.output_dir, hook.ground_truth_token)
         final = _final_metrics(history)
         summary = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                    "status": status, "rounds_completed": len(history), "seconds": time.perf_counter() - t_start,

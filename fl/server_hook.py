@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 import attacks  # noqa: F401  (registers built-in attacks)
 from attacks.base import ATTACKS, Attack, Observation
+from fl import ground_truth
 from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
 from fl.client_app import REPORT_KEY, RESTORE_KEY
 from fl.config import Config
@@ -54,7 +55,6 @@ class _Candidate:
     pid: int
     base: dict[str, torch.Tensor]  # the model this client was sent
     received: dict[str, torch.Tensor]
-    oracle: dict[str, torch.Tensor] | None
     shared: dict[str, torch.Tensor]
 
 
@@ -84,6 +84,7 @@ class ServerHook:
         self.artifact_dir = artifact_dir
         self.decode = decode
         self.attack = build_attack(cfg)
+        self.ground_truth_token = ground_truth.new_token()  # this run's victims' batches: fl.ground_truth
         from fl.training import build_audit
 
         self.audit = build_audit(cfg)
@@ -133,7 +134,7 @@ class ServerHook:
                 out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id))
                 continue
             if self.attack is not None and self.attack.reconstructs:
-                config["record-oracle"] = True
+                config[ground_truth.CONFIG_KEY] = self.ground_truth_token  # the batch goes to disk, not the reply
             if self.attack is not None and self.attack.threat_model == "malicious":
                 crafted = self.attack.craft(from_record(content["arrays"]), server_round, pid)
                 content["arrays"] = to_record(crafted)
@@ -161,11 +162,14 @@ class ServerHook:
             self._keep_ledger(pid, content)
             if self._refused(server_round, pid, content, report):
                 continue
-            oracle = from_record(content["oracle"]) if "oracle" in content else None
+            if "oracle" in content:  # a reply carrying a batch is not fedprobe's client: refuse it
+                rejected += 1
+                report.events.append(f"round {server_round}: rejected client {pid}: its reply carries an 'oracle' "
+                                     "record (ground truth never travels in a message)")
+                continue
             shared = from_record(content["shared"]) if "shared" in content else {}
-            for extra in ("oracle", "shared"):  # neither may reach aggregation
-                if extra in content:
-                    del content[extra]
+            if "shared" in content:  # what a client mode shares goes to the attack, never to aggregation
+                del content["shared"]
             try:
                 received = from_record(content["arrays"])
                 check_update(received, sent)
@@ -178,7 +182,7 @@ class ServerHook:
                 self.targets(server_round, pid) and node in sent_by_node
             # what this client trained from: the global model, or the model a malicious attack crafted for it
             base = from_record(sent_by_node[node].content["arrays"]) if crafted else sent
-            candidates.append(_Candidate(reply, node, pid, base, received, oracle, shared))
+            candidates.append(_Candidate(reply, node, pid, base, received, shared))
         kept = self._drop_outliers(server_round, candidates, report)
         rejected += len(candidates) - len(kept)
         candidates = kept
@@ -203,8 +207,11 @@ class ServerHook:
                 attacked_this_round += 1
                 try:
                     row = self._attack_one(server_round, c.node, pid, c.base, c.received, dict(content["meta"]),
-                                           c.oracle, c.shared)
+                                           c.shared)
                     report.attack_rows.append(row)
+                    if row.pop("unscored", False):
+                        report.events.append(f"round {server_round}: attack on client {pid} is unscored: the client "
+                                             "left no ground truth (is tracking.output_dir shared with the clients?)")
                     if row.get("attack_budget_limited"):
                         report.events.append(f"round {server_round}: attack {self.cfg.attack.name} on client {pid} hit "
                                              "its max_seconds safety cap: its scores are budget-limited")
@@ -279,9 +286,10 @@ class ServerHook:
 
     def _attack_one(self, server_round: int, node: int, pid: int, sent: dict[str, torch.Tensor],
                     received: dict[str, torch.Tensor], meta: dict[str, Any],
-                    oracle: dict[str, torch.Tensor] | None, shared: dict[str, torch.Tensor]) -> dict[str, Any]:
+                    shared: dict[str, torch.Tensor]) -> dict[str, Any]:
         assert self.attack is not None
-        labels = oracle.get("labels") if (oracle and self.cfg.attack.labels_known) else None
+        out_dir, token = self.cfg.tracking.output_dir, self.ground_truth_token
+        labels = ground_truth.labels(out_dir, token, server_round, pid) if self.cfg.attack.labels_known else None
         obs = Observation(server_round=server_round, node_id=node, partition_id=pid, global_params=sent,
                           client_params=received, metadata=meta, task=self.task, model_factory=self.model_factory,
                           labels=labels, shared=shared, device=self.cfg.attack.device,
@@ -290,6 +298,9 @@ class ServerHook:
         recon = self.attack.attack(obs)
         row: dict[str, Any] = {"round": server_round, "client": pid, "attack_seconds": time.perf_counter() - t0}
         row.update({k if k.startswith("attack_") else f"attack_{k}": float(v) for k, v in recon.metrics.items()})
+        oracle = ground_truth.read(out_dir, token, server_round, pid) if self.attack.reconstructs else None  # after
+        if self.attack.reconstructs and oracle is None:
+            row["unscored"] = True
         if oracle:
             from attacks.harness import save_artifacts, score_best
 

@@ -137,6 +137,30 @@ def experiment_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
+_READY: set[str] = set()
+
+
+def ensure_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store's tables under a file lock, once per process: MLflow's own set-up
+    is not safe when several processes open a fresh store at once (a parallel sweep, two terminals), measured:
+    3 of 4 processes failed with 'table metrics already exists' or an alembic error."""
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # builds MLflow's store: its tables
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    _READY.add(uri)
+
+
 class Tracker:
     """One MLflow run: params, per-step metrics, tags, artifacts."""
 
@@ -149,6 +173,7 @@ class Tracker:
 
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
+        ensure_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)

@@ -168,7 +168,11 @@ def check_model(cfg: ModelConfig, task: TaskSpec) -> None:
     fam, params, attn = _resolve(cfg, task)
     if attn not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
         raise ModelError(f"model.params.attn_implementation {attn!r} unknown; use 'eager' (default) or 'sdpa'")
-    if cfg.pretrained:
+    if not cfg.pretrained and not params and attn in ("eager", "sdpa"):
+        # a built-in size with no overrides: its transformers config holds nothing the user chose (the test suite
+        # builds every family and size), so transformers need not even be imported
+        config = None
+    elif cfg.pretrained:
         path = Path(cfg.pretrained).expanduser()
         if not (path / "config.json").is_file():
             raise ModelError(f"model.pretrained: {path} has no config.json (give a folder written by save_pretrained, "
@@ -177,7 +181,8 @@ def check_model(cfg: ModelConfig, task: TaskSpec) -> None:
         fam.fit_pretrained(config, task)
     else:
         config = fam.config(cfg.size, task)
-    apply_overrides(config, params, fam.name)
+    if config is not None:
+        apply_overrides(config, params, fam.name)
     if cfg.attention != "standard":
         from models.attention import ATTENTION
 

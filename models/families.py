@@ -57,11 +57,16 @@ class ViTFamily(ModelFamily):
 
         return ViTForImageClassification
 
+    def check_task(self, task: TaskSpec) -> None:
+        super().check_task(task)
+        _, h, w = task.image_shape
+        if h != w:
+            raise ModelError(f"vit needs square images, got {h}x{w}; set data.params.image_size")
+
     def config(self, size: str, task: TaskSpec) -> Any:
         s = dict(self.sizes[size])
         c, h, w = task.image_shape
-        if h != w:
-            raise ModelError(f"vit needs square images, got {h}x{w}; set data.params.image_size")
+        self.check_task(task)
         patch = patch_size_for(h, w, s.pop("max_patches"))
         return self.config_class()(
             **s,

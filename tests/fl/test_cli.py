@@ -142,3 +142,21 @@ def test_a_run_prints_only_fedprobes_own_lines(tmp_path):
     foreign = [line for line in lines if not line.startswith(("fedprobe:", "rounds:"))]
     assert foreign == [], proc.stderr
     assert "finished after 1 rounds" in proc.stdout
+
+
+def test_check_of_a_built_in_model_imports_no_transformers(tmp_path, repo_root):
+    code = ("import sys; from fl.cli import main; "
+            f"rc = main(['check', {str(repo_root / 'experiments/quickstart.toml')!r}]); "
+            "print(rc, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout + proc.stderr
+
+
+def test_check_model_refuses_non_square_images_without_building_anything():
+    from fl.config import ModelConfig
+    from models import ModelError, check_model
+    from models.tasks import TaskSpec
+
+    with pytest.raises(ModelError, match="vit needs square images, got 8x6"):
+        check_model(ModelConfig(family="vit", size="tiny"), TaskSpec(kind="image", num_classes=10,
+                                                                   image_shape=(1, 8, 6)))

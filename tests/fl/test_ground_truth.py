@@ -1,0 +1,84 @@
+"""Ground truth stays out of band (fl.ground_truth): never in a reply, never in the attack's Observation, read by
+the scorer only after the attack returned, and gone after the run."""
+
+from pathlib import Path
+
+import torch
+
+from attacks.base import Attack, Observation, Reconstruction
+from fl import ground_truth
+from fl.cli import main
+
+SEEN: list[dict] = []  # what the snooping attack found, per call (the ServerApp runs in this process)
+
+
+class Snoop(Attack):
+    """A reconstructing attack that looks everywhere the server's API lets it look for the victim's batch."""
+
+    def attack(self, obs: Observation) -> Reconstruction:
+        folder = Path("out") / "ground-truth"
+        files = sorted(str(p) for p in folder.rglob("*.pt")) if folder.is_dir() else []
+        SEEN.append({"labels": obs.labels, "shared": dict(obs.shared), "meta_keys": sorted(obs.metadata),
+                     "files_during_attack": files})
+        shape = (int(obs.metadata.get("batch_size", 1)), *obs.task.image_shape)
+        return Reconstruction(inputs=torch.zeros(shape), labels=torch.zeros(shape[0], dtype=torch.long))
+
+
+CFG = """
+[experiment]
+name = "ground-truth"
+[federation]
+num_clients = 2
+rounds = 1
+local_steps = 1
+batch_size = 2
+[attack]
+name = "tests.fl.test_ground_truth:Snoop"
+victims = [0]
+[tracking]
+output_dir = "out"
+"""
+
+
+def test_ground_truth_never_travels_and_is_scored_after_the_attack(tmp_path, monkeypatch):
+    from fl import server_hook
+
+    replies_seen: list[list[str]] = []
+    inspect = server_hook.ServerHook.inspect
+
+    def spy(self, server_round, sent, messages, replies):
+        replies_seen.extend(sorted(r.content.keys()) for r in replies if not r.has_error())
+        configs = [dict(m.content["config"].items()) for m in messages]
+        assert all(not any(isinstance(v, (bytes, list)) for v in c.values()) for c in configs)
+        return inspect(self, server_round, sent, messages, replies)
+
+    monkeypatch.setattr(server_hook.ServerHook, "inspect", spy)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(CFG)
+    SEEN.clear()
+    assert main(["run", "c.toml", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress",
+                 "--summary-json", "s.json"]) == 0
+    assert replies_seen and all("oracle" not in keys for keys in replies_seen), replies_seen
+    assert len(SEEN) == 1 and SEEN[0]["labels"] is None and SEEN[0]["shared"] == {}
+    # the victim's file exists while the attack runs (on disk, out of every message), the scorer read it after
+    assert len(SEEN[0]["files_during_attack"]) == 1
+    import json
+
+    final = json.loads((tmp_path / "s.json").read_text())["final"]
+    assert "attack_psnr" in final and "attack_label_accuracy" in final  # scored against the real batch
+    assert not (tmp_path / "out" / "ground-truth").exists() or not any((tmp_path / "out" / "ground-truth").rglob("*"))
+
+
+def test_store_round_trip_is_private_and_read_once(tmp_path):
+    token = ground_truth.new_token()
+    batch = {"pixel_values": torch.randn(2, 1, 8, 8), "labels": torch.tensor([3, 1])}
+    p = ground_truth.write(tmp_path, token, 4, 1, batch)
+    assert p.stat().st_mode & 0o777 == 0o600 and p.parent.stat().st_mode & 0o077 == 0
+    assert torch.equal(ground_truth.labels(tmp_path, token, 4, 1), batch["labels"])  # granted labels: file stays
+    got = ground_truth.read(tmp_path, token, 4, 1)
+    assert torch.equal(got["pixel_values"], batch["pixel_values"]) and not p.exists()
+    assert ground_truth.read(tmp_path, token, 4, 1) is None
+    import pytest
+
+    with pytest.raises(ValueError, match="bad ground-truth token"):
+        ground_truth.path(tmp_path, "../x", 1, 0)
