@@ -233,6 +233,11 @@ class AttentionInversion(Attack):
         super().__init__()
         if method not in ("newton", "gd"):
             raise ValueError(f"attention_inversion method must be 'newton' or 'gd', got {method!r}")
+        if steps < 1 or restarts < 1 or num_heads < 0 or seed < 0:
+            raise ValueError(f"attention_inversion needs steps >= 1, restarts >= 1, num_heads >= 0 (0: from the "
+                             f"model) and seed >= 0; got {steps}, {restarts}, {num_heads}, {seed}")
+        if not (0.0 <= lam < float("inf")):
+            raise ValueError(f"attention_inversion lam must be a finite number >= 0, got {lam!r}")
         self.q_weight, self.k_weight, self.num_heads = q_weight, k_weight, num_heads
         self.method, self.steps, self.lam, self.restarts, self.seed = method, steps, lam, restarts, seed
 

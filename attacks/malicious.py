@@ -52,6 +52,8 @@ class MaliciousReinit(Attack):
         super().__init__()
         if base == "malicious_reinit":
             raise ValueError("malicious_reinit cannot wrap itself; set base to dlg, idlg, inverting_gradients or tag")
+        if seed < 0 or not (0.0 < std < float("inf")):
+            raise ValueError(f"malicious_reinit needs seed >= 0 and a finite std > 0, got seed {seed}, std {std!r}")
         self.inner: Attack = ATTACKS.create(base, **base_params)
         self.seed, self.std = seed, std
 

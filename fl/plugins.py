@@ -62,13 +62,13 @@ def preflight(cfg: Config, build: bool = True) -> None:
 
         try:  # attack constructors only validate their parameters (no side effects)
             ATTACKS.create(cfg.attack.name, **cfg.attack.params)
-        except (TypeError, ValueError, RegistryError) as exc:
+        except (TypeError, ValueError, ArithmeticError, RegistryError) as exc:
             raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
     from defenses.base import DEFENSES
 
     try:  # defense constructors only validate their parameters (no side effects); registries() imported them
         [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
-    except (TypeError, ValueError, RegistryError) as exc:
+    except (TypeError, ValueError, ArithmeticError, RegistryError) as exc:
         raise ConfigError(f"defenses: {exc}".replace("\n", " ")) from None
     if cfg.audit.name not in ("", "none"):
         from fl.training import build_audit
@@ -79,7 +79,7 @@ def preflight(cfg: Config, build: bool = True) -> None:
                               f"{cfg.audit.clients}")
         try:
             build_audit(cfg)
-        except (TypeError, ValueError, RegistryError) as exc:
+        except (TypeError, ValueError, ArithmeticError, RegistryError) as exc:
             raise ConfigError(f"audit ({cfg.audit.name!r}): {exc}".replace("\n", " ")) from None
     fed, attack = cfg.federation, cfg.attack
     if attack.name not in ("", "none"):

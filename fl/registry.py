@@ -104,6 +104,9 @@ class Registry(Generic[T]):
     def create(self, name: str, /, **params: Any) -> Any:
         """Look up ``name`` and call it with ``params`` (classes and factories alike)."""
         factory = self.get(name)
+        problem = check_param_types(factory, params)
+        if problem:
+            raise RegistryError(f"bad parameters for {self.kind} {name!r}: {problem}")
         try:
             return factory(**params)  # type: ignore[operator]
         except TypeError as exc:
@@ -149,6 +152,54 @@ class Registry(Generic[T]):
         if not self.entry_point_group:
             return {}
         return {ep.name: ep for ep in entry_points(group=self.entry_point_group)}
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether a config value fits a constructor annotation: True, False, or None where the hint says too little
+    to tell (Any, a class of the plugin's own, a callable)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_matches(value, h) for h in typing.get_args(hint)]
+        return True if any(v is True for v in verdicts) else (None if any(v is None for v in verdicts) else False)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def check_param_types(factory: Any, params: dict[str, Any]) -> str:
+    """The first config parameter whose value does not fit the constructor's annotation ("" if none): a
+    string for an int, NaN for a step count. Ranges stay the plugin's own checks."""
+    import typing
+
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001  (unresolvable annotations: leave it to the constructor)
+        return ""
+    for key, value in params.items():
+        if key in hints and _matches(value, hints[key]) is False:
+            shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            return f"{key} = {value!r} does not fit its type ({shown})"
+    return ""
 
 
 def _is_stdlib(module_name: str) -> bool:

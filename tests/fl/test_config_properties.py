@@ -4,7 +4,7 @@ import string
 import subprocess
 import sys
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fl.cli import main
@@ -16,7 +16,7 @@ KEYS = ["rounds", "num_clients", "clients_per_round", "batch_size", "lr", "name"
 toml_scalars = st.one_of(
     st.integers(-5, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(string.ascii_letters + string.digits + " _-.", max_size=12).map(lambda s: f'"{s}"'),
-    st.sampled_from(["true", "false", "[]", "[1, 2]", "{}", "nan", "inf", "-inf", '""']),
+    st.sampled_from(["true", "false", "[]", "[1, 2]", "{}", "nan", "inf", "-inf", '""', "1e309", "-1", "0"]),
     st.text(string.printable, max_size=15),  # often not TOML at all
 )
 
@@ -67,3 +67,45 @@ def test_unknown_plugin_paths_and_missing_data_are_exit_2(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and lines[-1].startswith("fedprobe: error:"), proc.stderr[-2000:]
+
+
+def _plugin_params() -> list[tuple[str, str, str]]:
+    """(config section, plugin name, parameter) for every built-in attack and defense constructor parameter."""
+    import inspect
+
+    from fl.plugins import registries
+
+    regs = registries()
+    out = []
+    for kind, section in (("attack", "attack"), ("defense", "defenses")):
+        for name in regs[kind].names():
+            obj = regs[kind].get(name)
+            try:
+                params = inspect.signature(obj).parameters
+            except (TypeError, ValueError):
+                continue
+            out += [(section, name, p) for p in params if p not in ("self", "args", "kwargs")]
+    return out
+
+
+PLUGIN_PARAMS = _plugin_params()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(target=st.sampled_from(PLUGIN_PARAMS), value=toml_scalars)
+@example(target=("attack", "imprint", "seed"), value="1e309")  # found by this fuzzer: an OverflowError traceback
+def test_check_of_fuzzed_plugin_parameters_passes_or_is_one_line_exit_2(tmp_path_factory, capsys, target, value):
+    """Through the whole preflight (plugins constructed, data loaded, model checked): a random value for any
+    attack or defense parameter is accepted, or refused in one line with exit 2 -- never a traceback."""
+    section, name, param = target
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_text(f"[federation]\nnum_clients = 2\nrounds = 1\n[tracking]\noutput_dir = '{path.parent / 'out'}'\n")
+    sets = (["--set", f"attack.name='{name}'", "--set", f"attack.params.{param}={value}"] if section == "attack" else
+            ["--set", f"defenses=[{{name='{name}'}}]", "--set", f"defenses.0.params.{param}={value}"])
+    code = main(["check", str(path), "--tracking-uri", f"sqlite:///{path.parent / 'm.db'}", *sets])
+    captured = capsys.readouterr()
+    if code == 0:
+        assert "OK" in captured.out
+        return
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("fedprobe: error:"), captured.err[-3000:]

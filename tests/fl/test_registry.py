@@ -95,3 +95,22 @@ def test_list_shows_an_entry_point_plugins_docstring_and_origin_not_its_repr(mon
     items = dict(reg.items())
     assert items["ext"] == "A plugin found through an entry point. [plugin tests.fl.test_registry:Listed from an installed package]"
     assert items["broken"].startswith("cannot be imported: ModuleNotFoundError") and "EntryPoint(" not in items["broken"]
+
+
+def test_create_refuses_values_that_do_not_fit_the_constructors_annotations():
+    from typing import Literal
+
+    reg: Registry = Registry("widget")
+
+    @reg.register("w")
+    class W:
+        def __init__(self, steps: int = 1, lam: float = 0.0, mode: Literal["a", "b"] = "a", name: str = "",
+                     cap: float | None = None, extra: object = None) -> None:
+            self.steps = steps
+
+    assert reg.create("w", steps=3, lam=1, mode="b", cap=2.5, extra=[1]).steps == 3  # an int is a float
+    for bad, fragment in [({"steps": "x"}, "steps = 'x'"), ({"steps": float("nan")}, "steps = nan"),
+                          ({"steps": True}, "steps = True"), ({"lam": "0.1"}, "lam = '0.1'"),
+                          ({"mode": "c"}, "mode = 'c'"), ({"cap": "big"}, "cap = 'big'"), ({"name": 3}, "name = 3")]:
+        with pytest.raises(RegistryError, match="bad parameters for widget 'w': " + fragment):
+            reg.create("w", **bad)
