@@ -89,8 +89,8 @@ class CentralDP(Defense):
                  accountant: str = "rdp", amplification: bool = True) -> None:
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"central_dp noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if not clipping_norm > 0:
-            raise ValueError(f"central_dp clipping_norm must be > 0, got {clipping_norm!r}")
+        if not 0 < clipping_norm < math.inf:
+            raise ValueError(f"central_dp clipping_norm must be a finite number > 0, got {clipping_norm!r}")
         check_delta(delta)
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"central_dp accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")

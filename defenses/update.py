@@ -55,8 +55,8 @@ class Clip(Defense):
     """Clip the update to L2 norm max_norm (no noise, no formal guarantee)."""
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        if not max_norm > 0:
-            raise ValueError(f"clip max_norm must be > 0, got {max_norm!r}")
+        if not 0 < max_norm < math.inf:
+            raise ValueError(f"clip max_norm must be a finite number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
     def transform_update(self, update: dict[str, torch.Tensor], ctx: ClientContext) -> dict[str, torch.Tensor]:
@@ -87,10 +87,11 @@ class UpdateNoise(Defense):
             raise ValueError(f"update_noise mechanism must be 'gaussian' or 'laplace', got {mechanism!r}")
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"update_noise noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if not clip_norm >= 0:
-            raise ValueError(f"update_noise clip_norm must be >= 0 (0 = no clipping, no guarantee), got {clip_norm!r}")
-        if not noise_std >= 0:
-            raise ValueError(f"update_noise noise_std must be >= 0, got {noise_std!r}")
+        if not 0 <= clip_norm < math.inf:
+            raise ValueError(f"update_noise clip_norm must be a finite number >= 0 (0 = no clipping, no guarantee), "
+                             f"got {clip_norm!r}")
+        if not 0 <= noise_std < math.inf:
+            raise ValueError(f"update_noise noise_std must be a finite number >= 0, got {noise_std!r}")
         if clip_norm == 0 and noise_std == 0:
             raise ValueError("update_noise without clipping needs noise_std > 0 (the absolute noise scale)")
         if adjacency not in ("replace", "add_remove"):

@@ -139,3 +139,18 @@ def test_dlg_recovery_error_grows_with_noise():
         errors.append(best)
     assert errors[0] < 1e-6  # spec 5(d)1 on this model: exact recovery without noise
     assert errors == sorted(errors) and errors[-1] > 10 * errors[1]
+
+
+@pytest.mark.parametrize("name, params, fragment", [
+    ("clip", {"max_norm": float("inf")}, "clip max_norm must be a finite number > 0"),
+    ("update_noise", {"clip_norm": float("inf")}, "clip_norm must be a finite number >= 0"),
+    ("update_noise", {"noise_std": float("inf"), "clip_norm": 0.0}, "noise_std must be a finite number >= 0"),
+    ("central_dp", {"clipping_norm": float("inf")}, "clipping_norm must be a finite number > 0"),
+])
+def test_infinite_norms_and_noise_are_refused(name, params, fragment):
+    """Found by the parameter fuzzer: an infinite clip norm has no sensitivity to account, infinite noise no update."""
+    import defenses  # noqa: F401  (registers the built-ins)
+    from defenses.base import DEFENSES
+
+    with pytest.raises(ValueError, match=fragment):
+        DEFENSES.create(name, **params)
