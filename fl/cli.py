@@ -124,8 +124,9 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _validate(args: argparse.Namespace, build: bool) -> tuple[object, str]:
-    """(config, tracking uri) after every check that can run before Ray; raises with one line.
+def _validate(args: argparse.Namespace, build: bool) -> tuple[object, str, object]:
+    """(config, tracking uri, the --resume checkpoint or None) after every check that can run before Ray;
+    raises with one line.
     Only the config schema is imported before the config has been read, so a missing file answers at once."""
     from fl.config import load_config
 
@@ -136,11 +137,12 @@ def _validate(args: argparse.Namespace, build: bool) -> tuple[object, str]:
     preflight(cfg, build=build)
     uri = resolve_uri(args.tracking_uri or cfg.tracking.uri)
     check_reachable(uri)
+    ckpt = None
     if args.resume:
         from fl.server_app import check_resume
 
-        check_resume(cfg, args.resume, uri, args.resume_extend)  # before Ray starts and before its status is touched
-    return cfg, uri
+        ckpt = check_resume(cfg, args.resume, uri, args.resume_extend)  # before Ray and before its status is touched
+    return cfg, uri, ckpt
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
@@ -165,7 +167,7 @@ def _print_plan(cfg: object, uri: str, resolved: bool) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        cfg, uri = _validate(args, build=False)
+        cfg, uri, _ = _validate(args, build=False)
     except _usage_errors() as exc:
         return _err(str(exc), EXIT_USAGE)
     print(f"{args.config}: OK, it would run as follows (the model is checked from its config; "
@@ -176,7 +178,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        cfg, uri = _validate(args, build=True)
+        cfg, uri, ckpt = _validate(args, build=True)
     except _usage_errors() as exc:
         return _err(str(exc), EXIT_USAGE)
     if args.dry_run:
@@ -200,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = StopOnSignal(uri, resume_hint)
     options = RunOptions(tracking_uri=uri, progress=not args.no_progress, resume_run_id=args.resume,
                          resume_extend=args.resume_extend, parent_run_id=args.parent_run_id, run_name=args.run_name,
-                         on_start=stop.on_start)
+                         on_start=stop.on_start, resume_checkpoint=ckpt)
     try:
         with stop:
             summary = simulate(cfg, options, verbose=args.verbose)

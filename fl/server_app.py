@@ -51,6 +51,7 @@ class RunOptions:
     run_name: str = ""
     on_start: Any = None  # called with the MLflow run id once it is known (fedprobe run keeps the client secret)
     stop_after_round: int = 0  # testing: stop as if killed right after this round's checkpoint (0 = never)
+    resume_checkpoint: Any = None  # what check_resume returned before Ray started (fedprobe run): not loaded again
 
 
 class RunInterrupted(RuntimeError):
@@ -142,8 +143,10 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     global_state = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}
     trainable, total = count_parameters(model)
 
-    ckpt: dict[str, Any] = check_resume(cfg, options.resume_run_id, options.tracking_uri, options.resume_extend) \
-        if options.resume_run_id else {}
+    ckpt: dict[str, Any] = {}
+    if options.resume_run_id:
+        ckpt = options.resume_checkpoint or check_resume(cfg, options.resume_run_id, options.tracking_uri,
+                                                         options.resume_extend)
     source_tags, versions = provenance(cfg.experiment.description or describe(cfg))
     tracker = Tracker(options.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment,
                       options.run_name or cfg.tracking.run_name or cfg.experiment.name,
