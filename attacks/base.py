@@ -80,6 +80,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
+class ServerContext:
+    """What the server running an attack holds besides observations (given by the runtime, :meth:`Attack.bind`).
+
+    ``public_dataset(name)`` returns a dataset the server has of its own (items are batch dicts of
+    :mod:`models.tasks`), e.g. calibration images for a malicious model; None where the server has none.
+    The library never imports the application's data code: the runtime hands this in.
+    """
+
+    public_dataset: Callable[[str], Any] | None = None
+
+
+@dataclass
 class Reconstruction:
     """What an attack recovered; any field may be None."""
 
@@ -107,6 +119,13 @@ class Attack:
     def __init__(self, **params: Any) -> None:
         if params:
             raise TypeError(f"unexpected parameters {sorted(params)}")
+
+    server: ServerContext = ServerContext()  # replaced by bind(); the default server holds no data
+
+    def bind(self, server: ServerContext) -> "Attack":
+        """Give the attack what its server holds (the runtime calls this once, before any round)."""
+        self.server = server
+        return self
 
     def attack(self, obs: Observation) -> Reconstruction:
         raise NotImplementedError

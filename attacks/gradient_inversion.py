@@ -1,4 +1,4 @@
-"""Optimisation-based gradient inversion: DLG, iDLG, Inverting Gradients, TAG.
+"""Optimisation-based gradient inversion: DLG, iDLG, Inverting Gradients; TAG builds on it (``attacks.tag``).
 
 All four search a dummy batch whose recomputed update (``attacks.gradients.simulate``)
 matches the observed one; they differ in objective, optimiser, label handling and
@@ -43,13 +43,11 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from attacks.base import ATTACKS, Attack, Observation, Reconstruction, resolve_device
 from attacks.gradients import (
     OBJECTIVES,
     attack_model,
-    embedding_name,
     examples_touched,
     gradient_distance,
     infer_labels,
@@ -57,32 +55,10 @@ from attacks.gradients import (
     observed_target,
     simulate,
 )
+from attacks.search import BudgetExceeded, SearchState as _Search
 from attacks.threat import public_defenses
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class BudgetExceeded(RuntimeError):
-    """The ``max_seconds`` safety cap fired inside an objective evaluation."""
-
-
-class _Search:
-    """What one attack run shares between its starts: the simulation inputs and the safety cap."""
-
-    def __init__(self, obs: Observation, model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
-                 tgt: dict[str, torch.Tensor], labels: torch.Tensor | None, steps: int, lr: float, bs: int,
-                 example_clip: float, update_clip: float, weight: dict[str, Any] | None,
-                 max_seconds: float) -> None:
-        self.obs, self.model, self.params, self.names, self.tgt, self.labels = obs, model, params, names, tgt, labels
-        self.steps, self.lr, self.bs = steps, lr, bs
-        self.example_clip, self.update_clip, self.weight = example_clip, update_clip, weight  # weight: prune / noise
-        self.deadline = time.perf_counter() + max_seconds if max_seconds > 0 else math.inf
-        self.budget_limited = False
-
-    def check(self) -> None:
-        if time.perf_counter() > self.deadline:
-            self.budget_limited = True
-            raise BudgetExceeded
 
 
 class GradientInversion(Attack):
@@ -236,7 +212,7 @@ class GradientInversion(Attack):
         y = s.labels if s.labels is not None else (soft if soft is not None else self._refresh_labels(s.obs, x, s.params))
         assert y is not None
         sim = simulate(s.model, s.params, s.names, self._model_inputs(x), y, s.obs.task, s.steps, s.lr, s.bs,
-                       example_clip=s.example_clip, update_clip=s.update_clip)
+                       example_clip=s.example_clip, update_clip=s.update_clip, **s.replay)
         return gradient_distance(sim, s.tgt, self.cfg["objective"], self.cfg["tag_scale"], weight=s.weight)
 
     def _distance(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> float:
@@ -345,154 +321,3 @@ class InvertingGradients(GradientInversion):
     objective = "cosine"
     defaults = {"optimizer": "adam", "lr": 0.1, "iterations": 1000, "tv": 1e-4, "boxed": True, "signed": True,
                 "dtype": "float32", "restarts": 2}
-
-
-@ATTACKS.register("tag")
-class TAG(GradientInversion):
-    """TAG: text gradient matching (L2 + L1) in embedding space, tokens by nearest embedding."""
-
-    objective = "tag"
-    defaults = {"optimizer": "adam", "lr": 0.05, "iterations": 400, "dtype": "float32"}
-
-    def __init__(self, **params: Any) -> None:
-        self.refine_sweeps = int(params.pop("refine_sweeps", 1))
-        self.init = str(params.pop("init", "positions"))
-        self.exact_match = float(params.pop("exact_match", 0.9999))
-        self._match_confidence = 0.0
-        if self.init not in ("positions", "random"):
-            raise ValueError(f"tag init must be 'positions' or 'random', got {self.init!r}")
-        super().__init__(**params)
-        self._cand: torch.Tensor | None = None
-        self._emb: str = ""
-        self._scale = 1.0
-        self._init_tokens: torch.Tensor | None = None
-
-    def _candidates(self, obs: Observation, params: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        """Token ids whose embedding rows carry the most update (all used tokens for untied embeddings)."""
-        name = embedding_name(obs, params)
-        upd = (obs.client_params[name] - obs.global_params[name]).double().norm(dim=-1)  # [V]
-        k = min(upd.numel(), n * obs.task.seq_len)
-        top = torch.topk(upd, k).indices
-        keep = upd[top] > 1e-9 * upd.max().clamp_min(1e-30)
-        return top[keep] if keep.any() else top
-
-    def _init_inputs(self, obs: Observation, n: int, params: dict[str, torch.Tensor], gen: torch.Generator,
-                     dtype: torch.dtype) -> torch.Tensor:
-        if obs.task.kind not in ("text", "lm") or obs.task.seq_len <= 0:
-            raise ValueError("tag attacks text tasks; it needs task.kind 'text' or 'lm' and task.seq_len > 0")
-        self._emb = embedding_name(obs, params)
-        self._cand = self._candidates(obs, params, n)
-        E = params[self._emb].detach()
-        self._scale = float(E.std())  # x is searched in units of the embedding's std, so lr is scale-free
-        if self.init == "positions":
-            tok = self._position_match(obs, n)
-            self._init_tokens = tok
-            if tok is not None:
-                return (E[tok] / self._scale).to(dtype)
-        return self.cfg["init_scale"] * torch.randn(n, obs.task.seq_len, E.shape[1], generator=gen, dtype=dtype)
-
-    def _position_match(self, obs: Observation, n: int) -> torch.Tensor | None:
-        """[project's choice] The update of position-embedding row j is the gradient at the input of
-        position j (summed over the batch); the update of token t's embedding row is the same gradient
-        summed over the positions holding t. So each position takes the candidate whose embedding-row
-        update is most cosine-similar. Exact for one sentence with untied embeddings and no repeated
-        tokens; approximate otherwise (tied GPT-2 output side, batches, repeats)."""
-        pos = [k for k in obs.global_params if k.endswith(("position_embeddings.weight", "wpe.weight"))]
-        if not pos or self._cand is None:
-            return None
-        L = obs.task.seq_len
-        P = (obs.client_params[pos[0]] - obs.global_params[pos[0]]).double()[:L]  # [L, d]
-        T = (obs.client_params[self._emb] - obs.global_params[self._emb]).double()[self._cand]  # [C, d]
-        sim = torch.nn.functional.normalize(P, dim=-1) @ torch.nn.functional.normalize(T, dim=-1).T  # [L, C]
-        self._match_confidence = float(sim.max(-1).values.mean())
-        return self._cand[sim.argmax(-1)].expand(n, L).clone()  # a batch shares the per-position sum
-
-    def attack(self, obs: Observation) -> Reconstruction:
-        """Analytic shortcut: when every position's update matches one token row (cosine > ``exact_match``),
-        the position match is the answer and no optimisation runs (it is also immune to the client's dropout,
-        which makes the gradient-matching distance itself unreliable)."""
-        t0 = time.perf_counter()
-        self._match_confidence = 0.0
-        n = examples_touched(obs)
-        if self.init == "positions" and n == 1:
-            params = {k: v.detach() for k, v in obs.global_params.items()}
-            self._emb = embedding_name(obs, params)
-            self._cand = self._candidates(obs, params, n)
-            tok = self._position_match(obs, n)
-            if tok is not None and self._match_confidence > self.exact_match:
-                y = self._labels(obs, n)
-                return Reconstruction(tokens=tok, labels=y if obs.task.kind != "lm" else None, metrics={
-                    "position_match_confidence": self._match_confidence, "candidate_tokens": float(len(self._cand)),
-                    "iterations": 0.0, "attack_seconds": time.perf_counter() - t0})
-        rec = super().attack(obs)
-        rec.metrics["position_match_confidence"] = self._match_confidence
-        return rec
-
-    def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": x * self._scale, "attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
-
-    def _excluded(self, obs: Observation, params: dict[str, torch.Tensor]) -> set[str]:
-        return {embedding_name(obs, params)}  # inputs_embeds bypass the embedding lookup
-
-    def _nearest(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        assert self._cand is not None
-        E = params[self._emb].detach()[self._cand]  # [C, d]
-        sim = torch.nn.functional.normalize(x.detach(), dim=-1) @ torch.nn.functional.normalize(E, dim=-1).T
-        return self._cand[sim.argmax(-1)]  # [n, L]
-
-    def _refresh_labels(self, obs: Observation, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._nearest(x, params)  # causal LM: the labels are the (current guess of the) tokens
-
-    def _finish(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> Reconstruction:
-        obs = search.obs
-        tokens = self._nearest(x, search.params)
-        y = search.labels if search.labels is not None else (soft.detach().argmax(-1) if soft is not None else None)
-        before = None
-        starts = [tokens] + ([self._init_tokens] if self._init_tokens is not None else [])
-        if self.refine_sweeps > 0 or len(starts) > 1:
-            tokens, before, after = self._refine(search, starts, y)
-        rec = Reconstruction(tokens=tokens, labels=y if obs.task.kind != "lm" else None)
-        rec.metrics["candidate_tokens"] = float(len(self._cand) if self._cand is not None else 0)
-        if before is not None:
-            rec.metrics.update({"refine_distance_before": before, "refine_distance_after": after})
-        return rec
-
-    @torch.no_grad()
-    def _refine(self, search: _Search, starts: list[torch.Tensor], y: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
-        """Keep the start (continuous result or position match) with the smallest full-update distance,
-        then ``refine_sweeps`` greedy coordinate sweeps over candidate tokens on that distance
-        (deterministic; the shared safety cap ends a sweep early and marks the result budget-limited)."""
-        obs, params, model = search.obs, search.params, search.model
-        steps, lr, bs = search.steps, search.lr, search.bs
-        full_tgt, _, _ = observed_target(obs, params[self._emb].dtype)
-        names = [k for k in full_tgt if k in params]
-
-        def dist(tok: torch.Tensor) -> float:
-            with torch.enable_grad():
-                lab = tok if obs.task.kind == "lm" else y
-                inputs = {"input_ids": tok, "attention_mask": torch.ones_like(tok)}
-                sim = simulate(model, params, names, inputs, lab, obs.task, steps, lr, bs)  # type: ignore[arg-type]
-                return float(gradient_distance({k: v.detach() for k, v in sim.items()}, full_tgt, "l2"))
-
-        assert self._cand is not None
-        scored = sorted(((dist(t), i) for i, t in enumerate(starts)))
-        best, tokens = scored[0][0], starts[scored[0][1]]
-        start = best
-        for _ in range(self.refine_sweeps):
-            changed = False
-            for i in range(tokens.shape[0]):
-                for j in range(tokens.shape[1]):
-                    if time.perf_counter() > search.deadline:
-                        search.budget_limited = True
-                        return tokens, start, best
-                    for c in self._cand.tolist():
-                        if c == int(tokens[i, j]):
-                            continue
-                        trial = tokens.clone()
-                        trial[i, j] = c
-                        d = dist(trial)
-                        if d < best:
-                            best, tokens, changed = d, trial, True
-            if not changed:
-                break
-        return tokens, start, best

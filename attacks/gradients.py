@@ -4,8 +4,13 @@ FedSGD (one local step): the observed pseudo-gradient (global - client) / lr is 
 gradient of the mean loss on the client's batch. FedAvg with K local SGD steps: the
 observed update client - global equals the unrolled trajectory, which we replay
 differentiably with ``torch.func.functional_call`` on the global parameters (as
-breaching's ``local_hyperparams`` objective). Minibatch order [project's choice]: the
-n examples a client touched are taken in order, ``batch_size`` per step, wrapping.
+breaching's ``local_hyperparams`` objective), with the client's SGD momentum and weight
+decay (torch's rule: buf = mu buf + (g + wd p), p -= lr buf; a fresh optimizer per round, so
+the first step's buffer is its gradient), or with Adam (torch's rule, bias-corrected, L2 weight
+decay; the target is then the update itself, even for one step: Adam's step is not a gradient). Minibatch order [project's choice]: the n examples
+a client touched are taken in order, ``batch_size`` per step, wrapping; a client that reports
+``partial_batches`` (a torch ``DataLoader`` with ``drop_last=False``, as Flower's examples use)
+takes them epoch by epoch instead, the last batch of each epoch smaller.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attacks.base import Observation
-from models.tasks import TaskSpec, per_example_loss
+from models.tasks import TaskSpec, call_args, per_example_loss
 
 
 def attack_model(model_factory: Callable[[], nn.Module], dtype: torch.dtype, mode: str = "eval") -> nn.Module:
@@ -46,14 +51,34 @@ def observed_target(obs: Observation, dtype: torch.dtype) -> tuple[dict[str, tor
         raise ValueError("gradient inversion needs the client's learning rate in obs.metadata['lr']")
     steps, lr = max(int(md.get("local_steps", 1)), 1), float(md["lr"])
     opt = str(md.get("optimizer", "sgd")).lower()
-    if opt not in ("sgd", ""):
-        raise ValueError(f"gradient inversion replays plain SGD local steps, but the client used optimizer {opt!r}; "
-                         "set optimizer.name='sgd' (no momentum) for attack experiments")
-    if steps == 1:
+    if opt not in ("sgd", "", "adam"):
+        raise ValueError(f"gradient inversion replays SGD (with momentum and weight decay) or Adam local steps, but the "
+                         f"client used optimizer {opt!r}; set optimizer.name to 'sgd' or 'adam' for attack experiments")
+    if steps == 1 and opt != "adam":
         tgt = {k: v.to(dtype) for k, v in obs.pseudo_gradient().items()}
     else:
         tgt = {k: v.to(dtype) for k, v in obs.update().items()}
     return tgt, steps, lr
+
+
+def replay_facts(obs: Observation) -> dict[str, Any]:
+    """The local optimizer's facts :func:`simulate` replays: ``momentum``, ``weight_decay``, ``partial_batches``."""
+    md = obs.metadata
+    momentum, wd = float(md.get("momentum", 0.0) or 0.0), float(md.get("weight_decay", 0.0) or 0.0)
+    if not (0 <= momentum < 1) or wd < 0:
+        raise ValueError(f"the client reported momentum {momentum} / weight_decay {wd}: need 0 <= momentum < 1, "
+                         "weight_decay >= 0")
+    if md.get("nesterov") or float(md.get("dampening", 0.0) or 0.0) != 0.0:
+        raise ValueError("gradient inversion replays SGD without Nesterov or dampening; the client used them")
+    out: dict[str, Any] = {"momentum": momentum, "weight_decay": wd,
+                           "partial_batches": bool(md.get("partial_batches", False))}
+    if str(md.get("optimizer", "sgd")).lower() == "adam":
+        betas = md.get("betas", (0.9, 0.999))
+        betas = tuple(float(b) for b in (betas if not isinstance(betas, str) else betas.strip("[]()").split(",")))
+        if momentum:
+            raise ValueError("the client reported Adam with momentum: Adam's momentum is its betas")
+        out.update(optimizer="adam", betas=betas, eps=float(md.get("eps", 1e-8)))
+    return out
 
 
 def examples_touched(obs: Observation) -> int:
@@ -70,7 +95,8 @@ def examples_touched(obs: Observation) -> int:
 def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                labels: torch.Tensor, task: TaskSpec) -> torch.Tensor:
     """Mean task loss; float ``labels`` of shape [B, C] (or [B, L, V]) are soft labels (DLG's joint optimisation)."""
-    out = functional_call(model, params, args=(), kwargs=inputs)
+    args, kwargs = call_args(inputs, task)
+    out = functional_call(model, params, args=args, kwargs=kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if labels.is_floating_point():
         if task.kind == "lm":
@@ -98,27 +124,57 @@ def _step_gradient(model: nn.Module, params: dict[str, torch.Tensor], names: lis
     return [t / n for t in total]
 
 
+def batch_indices(step: int, n: int, batch_size: int, partial_batches: bool, device: Any = None) -> torch.Tensor:
+    """Which of the n touched examples local step ``step`` trains on (see the module docstring)."""
+    if not partial_batches:
+        return torch.arange(step * batch_size, (step + 1) * batch_size, device=device) % n
+    per_epoch = -(-n // batch_size)
+    start = (step % per_epoch) * batch_size
+    return torch.arange(start, min(start + batch_size, n), device=device)
+
+
 def simulate(model: nn.Module, params: dict[str, torch.Tensor], names: list[str], inputs: dict[str, torch.Tensor],
              labels: torch.Tensor, task: TaskSpec, steps: int, lr: float, batch_size: int,
-             example_clip: float = 0.0, update_clip: float = 0.0) -> dict[str, torch.Tensor]:
+             example_clip: float = 0.0, update_clip: float = 0.0, momentum: float = 0.0, weight_decay: float = 0.0,
+             partial_batches: bool = False, optimizer: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
+             eps: float = 1e-8) -> dict[str, torch.Tensor]:
     """The differentiable counterpart of the target: gradient (steps == 1) or unrolled update (steps > 1).
 
     Defense-aware (``attacks.threat``): ``example_clip`` clips per-example gradients as DP-SGD
     does; ``update_clip`` scales the whole update u (= -lr g for one step) to norm <= C.
+    ``momentum`` / ``weight_decay`` replay torch's SGD (see the module docstring); ``partial_batches``
+    the batching of a ``DataLoader`` that keeps the last, smaller batch of each epoch. ``optimizer="adam"``
+    replays torch's Adam (``betas``, ``eps``; always the unrolled update).
     """
     n = labels.shape[0]
-    if steps == 1:
-        out = dict(zip(names, _step_gradient(model, params, names, inputs, labels, task, example_clip)))
+    adam = optimizer == "adam"
+    if steps == 1 and not adam:
+        grads = _step_gradient(model, params, names, inputs, labels, task, example_clip)
+        out = {key: g + weight_decay * params[key] if weight_decay else g for key, g in zip(names, grads)}
     else:
         cur = dict(params)
+        buf: dict[str, torch.Tensor] = {}
+        sq: dict[str, torch.Tensor] = {}
+        b1, b2 = betas
         for k in range(steps):
-            idx = torch.arange(k * batch_size, (k + 1) * batch_size, device=labels.device) % n
+            idx = batch_indices(k, n, batch_size, partial_batches, labels.device)
             sub = {key: v[idx] for key, v in inputs.items()}
             grads = _step_gradient(model, cur, names, sub, labels[idx], task, example_clip)
-            cur.update({key: cur[key] - lr * g for key, g in zip(names, grads)})
+            for key, g in zip(names, grads):
+                if weight_decay:
+                    g = g + weight_decay * cur[key]
+                if adam:  # torch.optim.Adam: m, v from zero, bias-corrected (a tiny floor keeps sqrt differentiable)
+                    buf[key] = b1 * buf[key] + (1 - b1) * g if key in buf else (1 - b1) * g
+                    sq[key] = b2 * sq[key] + (1 - b2) * g * g if key in sq else (1 - b2) * g * g
+                    m_hat, v_hat = buf[key] / (1 - b1 ** (k + 1)), sq[key] / (1 - b2 ** (k + 1))
+                    cur[key] = cur[key] - lr * m_hat / ((v_hat + 1e-30).sqrt() + eps)
+                    continue
+                if momentum:
+                    g = buf[key] = g if key not in buf else momentum * buf[key] + g
+                cur[key] = cur[key] - lr * g
         out = {key: cur[key] - params[key] for key in names}
     if update_clip > 0:
-        scale = lr if steps == 1 else 1.0  # the released update is -lr * g for one step
+        scale = lr if steps == 1 and not adam else 1.0  # the released update is -lr * g for one SGD step
         norm = scale * torch.sqrt(sum((v**2).sum() for v in out.values()))  # type: ignore[arg-type]
         factor = torch.clamp(update_clip / (norm + 1e-12), max=1.0)
         out = {k: factor * v for k, v in out.items()}

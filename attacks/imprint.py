@@ -107,9 +107,11 @@ class Imprint(Attack):
     # ---- crafting ------------------------------------------------------------------
     def _calibration_images(self, L: _Layout, H: int, W: int, gen: torch.Generator) -> torch.Tensor:
         if self.calibration:
-            from fl.data.federated import load_dataset  # the server's public data (a dataset name)
-
-            data = load_dataset(self.calibration).data
+            if self.server.public_dataset is None:
+                raise ValueError(f"imprint calibration = {self.calibration!r} needs the server's public data, and this "
+                                 "server has none (fedprobe run provides it; elsewhere call attack.bind(ServerContext("
+                                 "public_dataset=...)))")
+            data = self.server.public_dataset(self.calibration)  # the server's own data, handed in by the runtime
             idx = range(max(len(data) - self.n_cal, 0), len(data))  # the dataset's tail
             x = torch.stack([data[i]["pixel_values"] for i in idx]).double()
             if tuple(x.shape[1:]) != (L.C, H, W):

@@ -14,11 +14,8 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opacus.accountants import RDPAccountant  # noqa: E402
 

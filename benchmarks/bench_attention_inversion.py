@@ -16,12 +16,9 @@ import argparse
 import datetime
 import platform
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks.attention_inversion import attention_map, invert, qk_product, score  # noqa: E402
 

@@ -20,16 +20,13 @@ import datetime as dt
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimizers  # noqa: E402
 
 METHODS = ["base", "dbd", "rdbd", "ra", "rva"]

@@ -11,14 +11,21 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl.cli import main  # noqa: E402
-from tests.fl.test_config_properties import PLUGIN_PARAMS  # noqa: E402
+import importlib.util
+
+from fl.cli import main
+
+# the parameter table the hypothesis test samples, read from its file (Opacus installs a top-level package named
+# ``benchmarks``, and the tests are no installed package either, so neither is imported by name)
+_spec = importlib.util.spec_from_file_location(
+    "_fedprobe_fuzz_table", Path(__file__).resolve().parents[1] / "tests" / "fl" / "test_config_properties.py")
+_table = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(_table)  # type: ignore[union-attr]
+PLUGIN_PARAMS = _table.PLUGIN_PARAMS
 
 VALUES = ["1", "-1", "0", "0.5", "-0.5", '"x"', '""', "true", "false", "[1, 2]", "[]", "{}", "{a = 1}", "inf",
           "-inf", "nan", "1e309", "1e-400", "3", "100000000000", "[[1]]", '"sgd"', '"l2"']

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models.attention import ntk_attention, ntk_attention_reference  # noqa: E402
 from models.attention.lse import attention_lse, attention_lse_reference  # noqa: E402
 from bench_attention import sdpa_prefix  # noqa: E402

@@ -12,9 +12,11 @@ Gaussian with q = m / N (clients_per_round / num_clients) and noise multiplier z
 over rounds with :mod:`defenses.accounting`. Flower samples exactly m clients without
 replacement; the Poisson RDP bound is the standard approximation used by DP-FedAvg.
 ``amplification = false`` accounts q = 1 (no amplification, what Flower's own accountant
-supports). The guarantee needs uniform aggregation weights: FedAvg weighting by
-``num-examples`` with unequal client sizes breaks the C/m sensitivity; the metric
-``central_dp_uniform_weights`` says whether the last round's weights were equal.
+supports). The guarantee needs uniform aggregation weights (FedAvg weighting by ``num-examples``
+with unequal client sizes breaks the C/m sensitivity), so the wrapper sets every reply's weight
+(the wrapped strategy's ``weighted_by_key``, whatever the clients send) to 1 before aggregating:
+any FedAvg-like strategy works, and clients need no fedprobe-only key. The metric
+``central_dp_uniform_weights`` says whether the clients' own weights were already equal.
 The noise is drawn from a private stream (:func:`defenses.randomness.private_numpy_global`),
 not from numpy's publicly seeded global RNG, so whoever knows the config cannot replay it.
 """
@@ -45,6 +47,7 @@ def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, 
         """Flower's wrapper, recording whether the aggregation weights were uniform; audit canaries join the sum."""
 
         uniform_weights = True
+        defense: Any = None  # the CentralDP that made this wrapper (its epsilon: defense.server_metrics)
         canaries: Any = None  # an audit with server_canaries (defenses.canaries.CanaryClients)
         _round = 0
 
@@ -72,6 +75,7 @@ def _make_wrapper(strategy: Any, noise_multiplier: float, clipping_norm: float, 
                     for rec in r.content.metric_records.values():
                         if key in rec:
                             weights.append(float(rec[key]))
+                            rec[key] = 1.0  # uniform aggregation: the C/m sensitivity holds whatever the sizes
             self.uniform_weights = len(set(weights)) <= 1
             self._round = server_round
             # Flower draws the noise from numpy's global RNG, which fedprobe seeds publicly: draw it privately
@@ -108,9 +112,8 @@ class CentralDP(Defense):
 
     def wrap_strategy(self, strategy: Any, config: Any) -> Any:
         self.num_clients, self.num_sampled = _federation(config)
-        if hasattr(strategy, "weighted_by_key"):  # the guarantee needs equal weights: every client reports 1.0
-            strategy.weighted_by_key = "uniform-weight"
         self.wrapper = _make_wrapper(strategy, self.noise_multiplier, self.clipping_norm, self.num_sampled)
+        self.wrapper.defense = self
         return self.wrapper
 
     def attach_canaries(self, audit: Any) -> None:

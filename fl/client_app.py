@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fl import ground_truth
 from fl.arrays import from_record, to_record
 from fl.config import config_from_dict
+from fl.protocol import CONFIG_KEY, REPORT_KEY, RESTORE_KEY, STATE_KEY
 from fl.training import derive_seed, train_client
 
 app = ClientApp()
@@ -30,10 +31,6 @@ if os.environ.get("FEDPROBE_VERBOSE") != "1":
 # Opacus' hooks warn on every step when inputs need no gradient (the usual case): noise, not news.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-CONFIG_KEY = "fedprobe-config"
-STATE_KEY = "fedprobe-client-state"
-RESTORE_KEY = "fedprobe-restore-state"  # config: the server's copy of this client's ledger, sent after --resume
-REPORT_KEY = "privacy-state"  # meta: the client's accounting state, reported every round
 
 
 class InjectedClientFailure(RuntimeError):

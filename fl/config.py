@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.config import ModelConfig  # the models library's own section (re-exported here)
+
 
 class ConfigError(ValueError):
     """Invalid experiment configuration (one line, names the key)."""
@@ -67,24 +69,38 @@ class FederationConfig(_Section):
         return self
 
 
+# data.partition names: fedprobe's own (fl.data.partition) and Flower Datasets' (fl.data.flower_partition)
+OWN_PARTITIONS = ("iid", "dirichlet")
+FLOWER_PARTITIONS = {  # name -> flwr_datasets.partitioner class
+    "flwr_iid": "IidPartitioner", "flwr_dirichlet": "DirichletPartitioner", "pathological": "PathologicalPartitioner",
+    "shard": "ShardPartitioner", "linear": "LinearPartitioner", "square": "SquarePartitioner",
+    "exponential": "ExponentialPartitioner", "inner_dirichlet": "InnerDirichletPartitioner",
+    "size": "SizePartitioner",
+}
+
+
 class DataConfig(_Section):
     dataset: str = Field("digits", description="a registered dataset (fedprobe list)")
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: str = Field("iid", description="iid, dirichlet (fedprobe's), or a Flower Datasets partitioner: "
+                                              "flwr_iid, flwr_dirichlet, pathological, shard, linear, square, "
+                                              "exponential, inner_dirichlet, size, or 'package.module:Class'")
+    partition_params: dict[str, Any] = Field(default_factory=dict, description="the Flower partitioner's arguments "
+                                             "(num_partitions, partition_by and seed are filled in)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition = dirichlet)")
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> "DataConfig":
+        if self.partition not in (*OWN_PARTITIONS, *FLOWER_PARTITIONS) and ":" not in self.partition:
+            raise ValueError(f"data.partition {self.partition!r} unknown; choose one of "
+                             f"{', '.join((*OWN_PARTITIONS, *FLOWER_PARTITIONS))}, or a flwr_datasets Partitioner "
+                             "subclass as 'package.module:Class'")
+        if self.partition_params and self.partition in OWN_PARTITIONS:
+            raise ValueError(f"data.partition_params apply to Flower Datasets partitioners, not {self.partition!r} "
+                             "(its one parameter is data.alpha)")
+        return self
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's data held out for validation")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the dataset held out for central evaluation")
     params: dict[str, Any] = Field(default_factory=dict, description="dataset-specific options (path, ...)")
-
-
-class ModelConfig(_Section):
-    family: str = Field("vit", description="vit, bert, gpt2 (fedprobe list)")
-    size: Literal["tiny", "small"] = "tiny"
-    attention: str = Field("standard", description="attention kernel (fedprobe list)")
-    attention_params: dict[str, Any] = Field(default_factory=dict)
-    adapter: Literal["full", "ntk", "lora", "prefix"] = "full"
-    adapter_params: dict[str, Any] = Field(default_factory=dict)
-    pretrained: str = Field("", description="local folder for from_pretrained; empty means random init")
-    params: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
 
 
 class OptimizerConfig(_Section):

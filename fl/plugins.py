@@ -35,6 +35,13 @@ def check_names(cfg: Config) -> None:
     checks += [(f"defenses.{i}.name", "defense", d.name) for i, d in enumerate(cfg.defenses)]
     if cfg.audit.name not in ("", "none"):
         checks.append(("audit.name", "audit", cfg.audit.name))
+    from models.build import ModelError, plain_factory
+
+    try:
+        if plain_factory(cfg.model) is not None:  # a plain nn.Module factory: resolved, not a ModelFamily
+            checks = [c for c in checks if c[0] != "model.family"]
+    except ModelError as exc:
+        raise ConfigError(f"model.family: {exc}") from None
     for key, kind, name in checks:
         try:
             regs[kind].get(name)
@@ -48,7 +55,7 @@ def preflight(cfg: Config, build: bool = True) -> None:
     ``build = False`` (``fedprobe check``) checks the model from its config alone (``models.check_model``):
     the same refusals but for what only building the weights finds, in a few seconds instead of ten."""
     from fl.data import load_federated
-    from models import build_model, check_model
+    from models import build_model, check_model, task_for
 
     check_names(cfg)
     import os
@@ -97,9 +104,9 @@ def preflight(cfg: Config, build: bool = True) -> None:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
     try:
         if build:
-            build_model(cfg.model, data.task, seed=cfg.experiment.seed)
+            build_model(cfg.model, task_for(cfg.model, data.task), seed=cfg.experiment.seed)
         else:
-            check_model(cfg.model, data.task)
+            check_model(cfg.model, data.task)  # a plain factory: its signature only
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
     except Exception as exc:  # transformers' config validation raises its own error types (not ValueError)

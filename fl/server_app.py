@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from defenses.audit import Audit
 from fl.arrays import from_record, load_trainable, to_record, trainable_state
-from fl.client_app import CONFIG_KEY
+from fl.protocol import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
 from fl.server_hook import ServerHook
 from fl.strategy import PartitionSampledFedAvg, discover_partitions
@@ -132,12 +132,12 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -> dict[str, Any]:
     """Run every round of one experiment on ``grid``; return the summary dict."""
     from fl.data import load_federated
-    from models import build_model, count_parameters
+    from models import build_model, count_parameters, task_for
 
     options = options or RunOptions()
     seed_everything(cfg.experiment.seed)
     data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
-    task = data.task
+    task = task_for(cfg.model, data.task)  # how the model is called (a plain nn.Module: model(x))
     device = resolve_device(cfg.federation.device)
     model = build_model(cfg.model, task, seed=cfg.experiment.seed).to(device)
     global_state = {k: v.detach().cpu().clone() for k, v in trainable_state(model).items()}

@@ -78,8 +78,10 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
-def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[str, Any], verbose: bool = False) -> None:
-    """Run a ServerApp (in a thread of this process) against ``num_clients`` simulated ClientApps on Ray."""
+def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[str, Any], verbose: bool = False,
+             run_config: dict[str, Any] | None = None) -> None:
+    """Run a ServerApp (in a thread of this process) against ``num_clients`` simulated ClientApps on Ray.
+    ``run_config`` is the ServerApp's ``context.run_config`` (what ``flwr run`` reads from pyproject.toml)."""
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -89,7 +91,7 @@ def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[s
 
         quiet()
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {}))
     _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, backend_name="ray", backend_config=backend,
                     server_app_context=context, verbose_logging=verbose)

@@ -88,20 +88,21 @@ def train_client(
 ) -> ClientResult:
     """One client's local training for one round, defenses applied in config order."""
     from fl.data import load_federated
-    from models import build_model
+    from models import build_model, task_for
     from optimizers import build as build_optimizer
     from optimizers import diagnostics as optimizer_diagnostics
 
     fed = cfg.federation
     device = resolve_device(fed.device)
     data = load_federated(cfg.data, fed.num_clients, cfg.experiment.seed)
+    task = task_for(cfg.model, data.task)  # how the model is called (a plain nn.Module: model(x))
     train_ds, _ = data.partition(partition_id)
     if len(train_ds) == 0:
         raise ValueError(f"client {partition_id} has no training data; lower federation.num_clients or raise data.alpha")
 
     seed = derive_seed(cfg.experiment.seed, server_round, partition_id)
     seed_everything(seed)
-    model = build_model(cfg.model, data.task, seed=cfg.experiment.seed).to(device)
+    model = build_model(cfg.model, task, seed=cfg.experiment.seed).to(device)
     load_trainable(model, global_state)
     model.train()
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +116,7 @@ def train_client(
     ctx = ClientContext(
         model=model, optimizer=optimizer, loader=loader, server_round=server_round, partition_id=partition_id,
         num_examples=len(train_ds), sample_rate=min(1.0, fed.batch_size / len(train_ds)), local_steps=steps,
-        epochs=fed.local_epochs, num_rounds=fed.rounds, device=device, task=data.task, sampled_fraction=sampled_fraction,
+        epochs=fed.local_epochs, num_rounds=fed.rounds, device=device, task=task, sampled_fraction=sampled_fraction,
         state=dict(client_state or {}),
     )
     defenses = build_defenses(cfg)
@@ -148,8 +149,8 @@ def train_client(
                 # split-learning-like mode: the victim shares its first batch's first-layer attention maps
                 maps, attention_input = first_layer_attention(ctx.model, batch)
                 shared["attention"] = maps.cpu()
-            logits = logits_of(ctx.model, batch)
-            per_example = per_example_loss(logits, batch["labels"], data.task)
+            logits = logits_of(ctx.model, batch, task)
+            per_example = per_example_loss(logits, batch["labels"], task)
             loss = per_example.mean()
             for d in defenses:
                 loss = d.loss(loss, ctx, batch, per_example)
@@ -175,7 +176,8 @@ def train_client(
     metrics.update({k: float(v) for k, v in ctx.metrics.items()})
     meta = {"partition_id": partition_id, "lr": cfg.optimizer.lr, "local_steps": steps,
             "batch_size": fed.batch_size, "num_examples": len(train_ds), "optimizer": cfg.optimizer.name,
-            "model_mode": "train"}
+            "model_mode": "train", **{k: float(cfg.optimizer.params[k]) for k in ("momentum", "weight_decay")
+                                      if k in cfg.optimizer.params}}
     oracle_batch = {k: torch.cat([o[k] for o in oracle])[:ORACLE_MAX_EXAMPLES] for k in oracle[0]} if oracle else {}
     if attention_input is not None:
         oracle_batch["attention_input"] = attention_input.cpu()
@@ -212,7 +214,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, task: TaskSpec, collate: 
     total_loss, correct, count, tokens = 0.0, 0, 0, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         batch = _to_device(batch, device)
-        logits = logits_of(model, batch)
+        logits = logits_of(model, batch, task)
         labels = batch["labels"]
         total_loss += float(per_example_loss(logits, labels, task).sum())
         count += len(labels)

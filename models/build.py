@@ -1,4 +1,4 @@
-"""Build a ``transformers`` model from a :class:`fl.config.ModelConfig` and a :class:`TaskSpec`.
+"""Build a ``transformers`` model from a :class:`models.config.ModelConfig` and a :class:`TaskSpec`.
 
 A model family (``MODELS`` registry) is a :class:`ModelFamily` subclass: it maps a size
 name and a task to a ``transformers`` config and model class. ``build_model`` then
@@ -18,71 +18,26 @@ where no such attack runs.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fl.config import ModelConfig
 from fl.registry import Registry, RegistryError
-from models.tasks import TaskKind, TaskSpec
+from models import families  # noqa: F401  (registers vit, bert, gpt2)
+from models.config import ModelConfig
+from models.family import MODELS, ModelError, ModelFamily, _family
+from models.tasks import TaskSpec
 
-MODELS: Registry = Registry("model family", entry_point_group="fedprobe.models", base="models.build:ModelFamily")
+# model.family = "package.module:factory" naming a plain nn.Module class or factory (not a ModelFamily): the model is
+# called as model(x) and returns logits; the factory gets model.params as keyword arguments, and the task as
+# ``task`` when it has such a parameter
+PLAIN_MODELS: Registry = Registry("model factory")
 
 DEFAULT_ATTN = "eager"
-
-
-class ModelError(ValueError):
-    """A model that cannot be built from the config (one line: what is wrong and the fix)."""
-
-
-class ModelFamily:
-    """Base class of a model family: sizes and the transformers classes per task kind."""
-
-    name: str = ""
-    kinds: tuple[TaskKind, ...] = ()
-    sizes: dict[str, dict[str, Any]] = {}
-
-    def config(self, size: str, task: TaskSpec) -> Any:
-        """A fresh ``transformers`` config for ``size`` fitted to ``task``."""
-        raise NotImplementedError
-
-    def model_class(self, task: TaskSpec) -> type:
-        """The ``PreTrainedModel`` subclass for ``task.kind``."""
-        raise NotImplementedError
-
-    def config_class(self) -> type:
-        raise NotImplementedError
-
-    def fit_pretrained(self, config: Any, task: TaskSpec) -> None:
-        """Adapt a loaded config to ``task`` (classification head size); raise on a hard mismatch."""
-        if task.kind != "lm":
-            config.num_labels = task.num_classes
-
-    def check_task(self, task: TaskSpec) -> None:
-        if task.kind not in self.kinds:
-            able = [n for n in MODELS.names() if task.kind in getattr(_safe_family(n), "kinds", ())]
-            raise ModelError(
-                f"model family {self.name!r} cannot do a {task.kind!r} task; "
-                f"set model.family to one of: {', '.join(able) or '(none)'}"
-            )
-
-
-def _safe_family(name: str) -> ModelFamily | None:
-    try:
-        return _family(name)
-    except (RegistryError, ModelError):
-        return None
-
-
-def _family(name: str) -> ModelFamily:
-    obj = MODELS.get(name)
-    fam = obj() if isinstance(obj, type) else obj
-    if not isinstance(fam, ModelFamily):
-        raise ModelError(f"model family {name!r} is a {type(fam).__name__}, expected a models.ModelFamily subclass")
-    fam.name = fam.name or name
-    return fam
 
 
 def apply_overrides(config: Any, params: dict[str, Any], family: str) -> None:
@@ -136,8 +91,58 @@ def _resolve(cfg: ModelConfig, task: TaskSpec) -> tuple[ModelFamily, dict[str, A
     return fam, params, params.pop("attn_implementation", DEFAULT_ATTN)
 
 
+def plain_factory(cfg: ModelConfig) -> Any:
+    """The factory a ``package.module:factory`` family names when it is a plain ``nn.Module`` one, else None."""
+    if ":" not in cfg.family:
+        return None
+    try:
+        obj = PLAIN_MODELS.get(cfg.family)
+    except RegistryError as exc:
+        raise ModelError(str(exc).replace("model factory plugin", "model.family")) from None
+    if inspect.isclass(obj) and issubclass(obj, ModelFamily):
+        return None
+    return obj
+
+
+def task_for(cfg: ModelConfig, task: TaskSpec) -> TaskSpec:
+    """``task`` as this model is called: a plain ``nn.Module`` family is called as model(x) (``call="positional"``)."""
+    return replace(task, call="positional") if plain_factory(cfg) is not None else task
+
+
+def _plain_kwargs(factory: Any, cfg: ModelConfig, task: TaskSpec) -> dict[str, Any]:
+    for key, default in (("attention", "standard"), ("adapter", "full"), ("pretrained", "")):
+        if getattr(cfg, key) != default:
+            raise ModelError(f"model.{key} applies to transformers families; {cfg.family!r} is a plain nn.Module "
+                             f"factory: remove model.{key} (load your own weights inside the factory)")
+    kwargs = dict(cfg.params)
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return kwargs
+    if "task" in sig.parameters:
+        kwargs["task"] = task
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model.params do not fit {cfg.family} {sig}: {exc}") from None
+    return kwargs
+
+
+def _build_plain(factory: Any, cfg: ModelConfig, task: TaskSpec, seed: int) -> nn.Module:
+    kwargs = _plain_kwargs(factory, cfg, task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.family {cfg.family!r} returned a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
 def build_model(cfg: ModelConfig, task: TaskSpec, seed: int = 0) -> nn.Module:
     """The model ``cfg`` describes, for ``task``; same seed -> same initial weights."""
+    factory = plain_factory(cfg)
+    if factory is not None:
+        return _build_plain(factory, cfg, task, seed)
     fam, params, attn = _resolve(cfg, task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -165,6 +170,10 @@ def check_model(cfg: ModelConfig, task: TaskSpec) -> None:
     """What :func:`build_model` would refuse, found from the config alone (no weights, no model class
     imported): family and task, size, ``pretrained`` folder, ``params`` overrides, attention kernel
     parameters. ``fedprobe check`` uses it to answer in seconds; ``fedprobe run`` still builds the model."""
+    factory = plain_factory(cfg)
+    if factory is not None:
+        _plain_kwargs(factory, cfg, task)  # the factory's signature against model.params, nothing called
+        return
     fam, params, attn = _resolve(cfg, task)
     if attn not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
         raise ModelError(f"model.params.attn_implementation {attn!r} unknown; use 'eager' (default) or 'sdpa'")

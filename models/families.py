@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from models.build import MODELS, ModelError, ModelFamily
+from models.family import MODELS, ModelError, ModelFamily
 from models.tasks import TaskSpec
 
 

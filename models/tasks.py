@@ -7,7 +7,9 @@ A batch is a dict of tensors:
 * causal LM:            ``input_ids`` [B, L], ``attention_mask`` [B, L], ``labels`` [B, L]
   (-100 marks positions not scored, e.g. padding)
 
-Models are Hugging Face ``transformers`` models; ``model(**inputs).logits`` is used.
+Hugging Face ``transformers`` models are called with keywords, ``model(**inputs).logits``; a plain
+``nn.Module`` (a user's CNN) is called as ``model(x)`` and returns logits: the task says which
+(``TaskSpec.call``), so no model needs a shim.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TaskKind = Literal["image", "text", "lm"]
+CallStyle = Literal["keywords", "positional"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class TaskSpec:
     pad_token_id: int = 0
     mean: tuple[float, ...] = ()  # image normalisation, for de-normalising reconstructions
     std: tuple[float, ...] = ()
+    # how the model is called: "keywords" = model(pixel_values=x) / model(input_ids=..., attention_mask=...)
+    # (transformers); "positional" = model(x) with x the batch's main input (a plain nn.Module returning logits)
+    call: CallStyle = "keywords"
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,8 +62,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in INPUT_KEYS}
 
 
-def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**model_inputs(batch))
+def call_args(inputs: dict[str, torch.Tensor], task: "TaskSpec | None" = None
+              ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(args, kwargs) of the model call for ``inputs`` under ``task.call`` (keywords when no task is given)."""
+    inputs = model_inputs(inputs)
+    if task is None or task.call == "keywords":
+        return (), inputs
+    key = "pixel_values" if "pixel_values" in inputs else "input_ids" if "input_ids" in inputs else next(iter(inputs))
+    return (inputs[key],), {}
+
+
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor], task: "TaskSpec | None" = None) -> torch.Tensor:
+    args, kwargs = call_args(batch, task)
+    out = model(*args, **kwargs)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -76,7 +93,7 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: TaskSpec)
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, logits) for one batch."""
-    logits = logits_of(model, batch)
+    logits = logits_of(model, batch, task)
     return per_example_loss(logits, batch["labels"], task).mean(), logits
 
 

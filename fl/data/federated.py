@@ -133,7 +133,12 @@ def _load_federated(cfg_json: str, num_clients: int, seed: int) -> FederatedData
     labels = loaded.labels
     train_idx, test_idx = _test_split(n, labels, cfg.test_fraction, seed)
     try:
-        if cfg.partition == "iid":
+        if cfg.partition not in ("iid", "dirichlet"):  # a Flower Datasets partitioner (fl.data.flower_partition)
+            from fl.data.flower_partition import flower_partition
+
+            parts = flower_partition(cfg.partition, cfg.partition_params, None if labels is None else labels[train_idx],
+                                     len(train_idx), num_clients, seed)
+        elif cfg.partition == "iid":
             parts = iid_partition(len(train_idx), num_clients, seed)
         else:
             if labels is None:
@@ -141,7 +146,7 @@ def _load_federated(cfg_json: str, num_clients: int, seed: int) -> FederatedData
                     f"dataset {cfg.dataset!r} has no labels to skew; use data.partition = 'iid'"
                 )
             parts = dirichlet_partition(labels[train_idx], num_clients, cfg.alpha, seed)
-    except PartitionError as exc:
+    except (PartitionError, ValueError) as exc:
         raise DataError(f"partitioning {cfg.dataset!r}: {exc}") from None
     return FederatedData(
         task=loaded.task,

@@ -169,6 +169,54 @@ def text_jsonl(
     return _text_task(texts, labels, f"text_jsonl:{p}", tokenizer, seq_len, kind, vocab_size)
 
 
+@DATASETS.register("pixel_csv")
+def pixel_csv(path: str = "", label_column: str = "label", shape: list[int] | None = None,
+              max_value: float = 255.0) -> LoadedData:
+    """images as CSV rows (MNIST-CSV style): a label column, then one column per pixel; params: path,
+    label_column, shape ([C, H, W]; default one grey square channel), max_value (255: pixels / 255 -> [0, 1])."""
+    source = "pixel_csv"
+    p = _existing(path, source, want_dir=False)
+    if not max_value > 0:
+        raise DataError(f"{source}: max_value must be > 0 (the largest pixel value, e.g. 255), got {max_value!r}")
+    try:
+        with p.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [r for r in reader if r]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{source}: cannot parse {p} as UTF-8 CSV ({exc})") from None
+    if not header or label_column not in header:
+        raise DataError(f"{source}: {p} has no {label_column!r} column in its header "
+                        f"({', '.join((header or [])[:5])}{', ...' if header and len(header) > 5 else ''}); "
+                        "set data.params.label_column")
+    if not rows:
+        raise DataError(f"{source}: {p} has a header but no rows")
+    li = header.index(label_column)
+    n_pix = len(header) - 1
+    if shape is None:
+        side = int(round(n_pix ** 0.5))
+        if side * side != n_pix:
+            raise DataError(f"{source}: {n_pix} pixel columns are not a square image; set data.params.shape = [C, H, W]")
+        shape = [1, side, side]
+    if len(shape) != 3 or any(int(d) < 1 for d in shape) or int(np.prod(shape)) != n_pix:
+        raise DataError(f"{source}: shape {list(shape)} does not hold the {n_pix} pixel columns of {p} "
+                        "(need [C, H, W] with C * H * W = the number of pixel columns)")
+    try:
+        pixels = np.array([[float(v) for j, v in enumerate(r) if j != li] for r in rows], dtype=np.float32)
+    except ValueError as exc:
+        raise DataError(f"{source}: a pixel value in {p} is not a number ({exc})") from None
+    if pixels.shape[1] != n_pix:
+        raise DataError(f"{source}: rows of {p} have {pixels.shape[1]} pixel values, the header names {n_pix}")
+    raw = [r[li] for r in rows]
+    try:
+        raw = [int(v) for v in raw]  # numeric labels sort numerically
+    except ValueError:
+        pass
+    labels, names = encode_labels(raw, f"{source}:{p}")
+    images = np.clip(pixels / float(max_value), 0.0, 1.0).reshape(len(rows), *[int(d) for d in shape])
+    return image_data(images, labels, names, f"{source}:{p}")
+
+
 @DATASETS.register("hf_disk")
 def hf_disk(
     path: str = "",

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from attacks.base import ATTACKS, Observation, resolve_device
+from attacks.base import ATTACKS, Observation, ServerContext, resolve_device
 from attacks.harness import run_attack
 from fl.config import ModelConfig
 from fl.data.federated import load_dataset
@@ -17,6 +17,12 @@ torch.set_num_threads(1)
 
 DATA = load_dataset("digits")
 TASK = DATA.task
+
+
+def calibrated_imprint():
+    """imprint calibrated on the server's own digits, handed in as fedprobe's runtime does (attacks.base.ServerContext)."""
+    return ATTACKS.create("imprint", calibration="digits").bind(
+        ServerContext(public_dataset=lambda name: load_dataset(name).data))
 
 
 def vit() -> torch.nn.Module:
@@ -74,7 +80,7 @@ def test_imprint_crafts_and_reads_a_batch_exactly():
 
 
 def test_imprint_degrades_gracefully_when_bins_collide():
-    att = ATTACKS.create("imprint", calibration="digits")
+    att = calibrated_imprint()
     b = digits(64, start=100)  # 64 images into 32 bins: collisions are certain
     s = run_attack(att, observe(b, start=att.craft({k: v.detach() for k, v in vit().named_parameters()}, 1, 0)), b)
     assert s["bins_occupied"] <= 32
@@ -103,7 +109,7 @@ def test_attack_runs_on_the_observation_device():
 
 def test_imprint_survives_several_local_steps():
     """FedAvg: 2 SGD steps of one image each; the crafted weights barely move (readout << 1)."""
-    att = ATTACKS.create("imprint", calibration="digits")
+    att = calibrated_imprint()
     crafted = att.craft({k: v.detach() for k, v in vit().named_parameters()}, 1, 0)
     b = digits(2, start=20)
     obs = observe(b, start=crafted, steps=2, bs=1)

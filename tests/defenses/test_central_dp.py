@@ -54,14 +54,19 @@ def test_aggregate_clips_and_adds_noise_of_the_stated_scale(monkeypatch):
     assert abs(out.mean() - clipped_mean) < 4 * z * C / m / np.sqrt(dim)
     assert out.std() == pytest.approx(z * C / m, rel=0.03)
     assert d.server_metrics(1)["central_dp_uniform_weights"] == 1.0
-    # clients report uniform-weight = 1, so unequal sizes keep uniform weights (an all-zero update divides by 0
-    # in Flower 1.42)
-    replies = [_reply(instr[i], {"w": torch.full((dim,), 0.01)}, 5.0 + i) for i in range(m)]
-    wrapped.aggregate_train(2, replies)
-    assert d.server_metrics(2)["central_dp_uniform_weights"] == 1.0
-    replies = [_reply(instr[i], {"w": torch.full((dim,), 0.01)}, 5.0, weight=1.0 + i) for i in range(m)]
-    wrapped.aggregate_train(3, replies)
-    assert d.server_metrics(3)["central_dp_uniform_weights"] == 0.0  # unequal weights void the C/m sensitivity
+    # unequal client sizes (num-examples, FedAvg's own key, no fedprobe key): the wrapper aggregates uniformly,
+    # so the C/m sensitivity holds; the metric says the clients' weights differed (an all-zero update divides
+    # by 0 in Flower 1.42)
+    d0 = CentralDP(noise_multiplier=0.0, clipping_norm=C)
+    plain = d0.wrap_strategy(FedAvg(), _cfg(m, m))
+    plain.current_arrays = ArrayRecord(zero)
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((dim,), 0.001 * (i + 1))}),
+                                   "metrics": MetricRecord({"num-examples": 5.0 + 10 * i})}), reply_to=instr[i])
+               for i in range(m)]
+    arrays, _ = plain.aggregate_train(2, replies)
+    assert arrays.to_numpy_ndarrays()[0].mean() == pytest.approx(0.0015, rel=1e-5)  # the unweighted mean
+    assert d0.server_metrics(2)["central_dp_uniform_weights"] == 0.0
+    assert plain.defense is d0
 
 
 @pytest.mark.parametrize("params,match", [

@@ -20,7 +20,7 @@ def test_quickstart_config_is_valid():
         ("federation.roundz=3", "unknown config key 'federation.roundz'; allowed keys in [federation]"),
         ("federation.rounds=0", "'federation.rounds'"),
         ("federation.rounds='many'", "'federation.rounds'"),
-        ("data.partition='zipf'", "expected 'iid' or 'dirichlet'"),
+        ("data.partition='zipf'", "data.partition 'zipf' unknown; choose one of iid, dirichlet, flwr_iid"),
         ("federation.clients_per_round=99", "exceeds federation.num_clients"),
         ("nosection.key=1", "unknown config key 'nosection'"),
     ],

@@ -90,3 +90,66 @@ def test_dirichlet_many_clients_tiny_alpha_terminates_nonempty() -> None:
 def test_dirichlet_bad_input(args, match) -> None:
     with pytest.raises(PartitionError, match=match):
         dirichlet_partition(*args)
+
+
+# --- Flower Datasets' partitioners through data.partition (fl.data.flower_partition) ----------------------------
+
+def _federated(partition: str, params: dict | None = None, clients: int = 5, seed: int = 0):
+    from fl.config import DataConfig
+    from fl.data.federated import load_federated
+
+    return load_federated(DataConfig(dataset="digits", partition=partition, partition_params=params or {}), clients,
+                          seed)
+
+
+def _train_labels(fd) -> list[np.ndarray]:
+    return [fd.labels[idx] for idx in fd.client_indices]
+
+
+@pytest.mark.parametrize("name, params", [
+    ("flwr_iid", {}), ("flwr_dirichlet", {"alpha": 0.3, "min_partition_size": 5}),
+    ("pathological", {"num_classes_per_partition": 2}), ("shard", {"num_shards_per_partition": 2}),
+    ("linear", {}), ("square", {}), ("exponential", {}),
+])
+def test_flower_partitioners_cover_the_training_split_deterministically(name, params):
+    fd = _federated(name, params)
+    all_idx = np.concatenate(fd.client_indices)
+    assert len(all_idx) == len(set(all_idx.tolist()))  # disjoint
+    assert all(len(p) > 0 for p in fd.client_indices)
+    again = _federated(name, params)  # a fresh load (the in-process cache keys on the config: same object)
+    assert all(np.array_equal(a, b) for a, b in zip(fd.client_indices, again.client_indices))
+    other = _federated(name, params, seed=1)
+    if name not in ("linear", "square", "exponential"):  # sizes are fixed there, the shuffled members still move
+        assert any(not np.array_equal(a, b) for a, b in zip(fd.client_indices, other.client_indices))
+
+
+def test_flower_partitioners_keep_their_definitions():
+    """What each partitioner promises, checked on fedprobe's digits: classes per client, size ratios."""
+    for labels in _train_labels(_federated("pathological", {"num_classes_per_partition": 2})):
+        assert len(np.unique(labels)) <= 2
+    sizes = [len(p) for p in _federated("linear").client_indices]  # partition i ~ (i + 1)
+    assert sizes == sorted(sizes) and sizes[-1] / sizes[0] == pytest.approx(5, rel=0.05)
+    sizes = [len(p) for p in _federated("square").client_indices]  # ~ (i + 1)^2
+    assert sizes[-1] / sizes[0] == pytest.approx(25, rel=0.1)
+    iid = _train_labels(_federated("flwr_iid"))
+    skewed = _train_labels(_federated("flwr_dirichlet", {"alpha": 0.05, "min_partition_size": 1}))
+    assert label_skew([np.arange(len(x)) for x in iid], np.concatenate(iid)) < 0.2
+    spread = lambda parts: np.mean([len(np.unique(p)) for p in parts])  # noqa: E731
+    assert spread(skewed) < spread(iid)
+
+
+def test_flower_partitioner_refusals():
+    from fl.config import ConfigError, load_config
+    from fl.data.base import DataError
+
+    with pytest.raises(ValueError, match="data.partition 'nope' unknown"):
+        _federated("nope")
+    with pytest.raises(ValueError, match="partition_params apply to Flower"):
+        _federated("iid", {"alpha": 1})
+    with pytest.raises(DataError, match="num_classes_per_partition"):
+        _federated("pathological", {})  # a required argument missing: named by Flower, one line
+    with pytest.raises(DataError, match="makes 3 partitions, the federation has 5"):
+        _federated("size", {"partition_sizes": [10, 10, 10]})
+    with pytest.raises(DataError, match="not a subclass"):
+        _federated("fl.data.partition:iid_partition")
+    assert isinstance(ConfigError("x"), ValueError) and callable(load_config)
