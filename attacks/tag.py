@@ -4,7 +4,18 @@ Tokens come back by nearest embedding among the tokens whose embedding rows rece
 ``from-limited-embedding``); a first start matches positions from the position-embedding gradient. [project's
 choice] A greedy discrete refinement (``refine_sweeps``: for every position try every candidate token, keep the
 one with the smallest distance on the *full* update, embedding included), in the spirit of LAMP's discrete steps;
-``refine_sweeps=0`` gives plain TAG. The shared machinery (budgets, restarts, threat-model knobs) is
+``refine_sweeps=0`` gives plain TAG.
+
+Padding: the client's batch is padded to ``task.seq_len`` with an attention mask, and pad positions carry no loss
+(labels -100 for a causal LM; masked keys and a [CLS] read-out for an encoder), so their position-embedding rows
+receive no update. [project's choice] The attack reads the padding off those rows (:meth:`TAG._padding`: zero rows
+at the end = right padding, at the start = left padding; in a causal LM the last real token has no input gradient
+either, since it predicts a pad, so the length is the last non-zero row + 2, and with left padding the last pad
+predicts the first real token, so that row moves: the first real token is the first non-zero row + 1; one left
+pad alone is therefore not seen, nor is left padding under eager attention, where a pad query with every key
+masked attends to all positions and moves every row) and models the batch as the client
+had it: pad tokens fixed at pad positions, the same attention mask, labels -100 there. A batch of several sentences
+shares one mask (the longest sentence's; per-sentence lengths are not recovered). The shared machinery (budgets, restarts, threat-model knobs) is
 ``attacks.gradient_inversion.GradientInversion``.
 """
 
@@ -40,6 +51,9 @@ class TAG(GradientInversion):
         self._emb: str = ""
         self._scale = 1.0
         self._init_tokens: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None  # [L] 1 = a real token, 0 = padding (from _padding)
+        self._pad = 0
+        self._pad_embedding: torch.Tensor | None = None
 
     def _candidates(self, obs: Observation, params: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """Token ids whose embedding rows carry the most update (all used tokens for untied embeddings)."""
@@ -50,13 +64,34 @@ class TAG(GradientInversion):
         keep = upd[top] > 1e-9 * upd.max().clamp_min(1e-30)
         return top[keep] if keep.any() else top
 
+    def _padding(self, obs: Observation) -> torch.Tensor:
+        """[L] mask of the positions that held real tokens, read off the position-embedding update (module doc)."""
+        L = obs.task.seq_len
+        pos = [k for k in obs.global_params if k.endswith(("position_embeddings.weight", "wpe.weight"))]
+        mask = torch.ones(L, dtype=torch.long)
+        if not pos:
+            return mask
+        rows = (obs.client_params[pos[0]] - obs.global_params[pos[0]]).double()[:L].norm(dim=-1)  # [L]
+        live = torch.nonzero(rows > 1e-12 * float(rows.max().clamp_min(1e-300))).flatten()
+        if len(live) == 0:
+            return mask
+        first, last = int(live[0]), int(live[-1])
+        lm = obs.task.kind == "lm"
+        if first > 0:  # left padding; in a causal LM the last pad predicts the first real token, so its row moved
+            mask[:first + (1 if lm else 0)] = 0
+        else:  # right padding (or none): an LM's last real token predicts a pad, so it did not move either
+            mask[min(last + (2 if lm else 1), L):] = 0
+        return mask
+
     def _init_inputs(self, obs: Observation, n: int, params: dict[str, torch.Tensor], gen: torch.Generator,
                      dtype: torch.dtype) -> torch.Tensor:
         if obs.task.kind not in ("text", "lm") or obs.task.seq_len <= 0:
             raise ValueError("tag attacks text tasks; it needs task.kind 'text' or 'lm' and task.seq_len > 0")
         self._emb = embedding_name(obs, params)
         self._cand = self._candidates(obs, params, n)
+        self._mask, self._pad = self._padding(obs).to(params[self._emb].device), int(obs.task.pad_token_id)
         E = params[self._emb].detach()
+        self._pad_embedding = E[self._pad].clone()  # what the client's pad positions fed the model
         self._scale = float(E.std())  # x is searched in units of the embedding's std, so lr is scale-free
         if self.init == "positions":
             tok = self._position_match(obs, n)
@@ -78,8 +113,18 @@ class TAG(GradientInversion):
         P = (obs.client_params[pos[0]] - obs.global_params[pos[0]]).double()[:L]  # [L, d]
         T = (obs.client_params[self._emb] - obs.global_params[self._emb]).double()[self._cand]  # [C, d]
         sim = torch.nn.functional.normalize(P, dim=-1) @ torch.nn.functional.normalize(T, dim=-1).T  # [L, C]
-        self._match_confidence = float(sim.max(-1).values.mean())
-        return self._cand[sim.argmax(-1)].expand(n, L).clone()  # a batch shares the per-position sum
+        real = self._real(L, sim.device)
+        self._match_confidence = float(sim.max(-1).values[real].mean())
+        tok = self._cand[sim.argmax(-1)]
+        return self._padded(tok.expand(n, L).clone())  # a batch shares the per-position sum
+
+    def _real(self, L: int, device: torch.device | str) -> torch.Tensor:
+        """[L] bool: the positions that held real tokens (all, before _padding ran)."""
+        return (self._mask.to(device) if self._mask is not None else torch.ones(L, dtype=torch.long, device=device)) > 0
+
+    def _padded(self, tok: torch.Tensor) -> torch.Tensor:
+        """``tok`` [n, L] with the pad token at padding positions."""
+        return tok.masked_fill(~self._real(tok.shape[1], tok.device)[None], self._pad)
 
     def attack(self, obs: Observation) -> Reconstruction:
         """Analytic shortcut: when every position's update matches one token row (cosine > ``exact_match``),
@@ -92,6 +137,7 @@ class TAG(GradientInversion):
             params = {k: v.detach() for k, v in obs.global_params.items()}
             self._emb = embedding_name(obs, params)
             self._cand = self._candidates(obs, params, n)
+            self._mask, self._pad = self._padding(obs), int(obs.task.pad_token_id)
             tok = self._position_match(obs, n)
             if tok is not None and self._match_confidence > self.exact_match:
                 y = self._labels(obs, n)
@@ -103,7 +149,12 @@ class TAG(GradientInversion):
         return rec
 
     def _model_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"inputs_embeds": x * self._scale, "attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
+        """The searched embeddings at real positions, the pad token's embedding (fixed) at padding positions."""
+        real = self._real(x.shape[1], x.device)
+        mask = real.long().expand(x.shape[0], -1)
+        if not bool(real.all()) and self._pad_embedding is not None:
+            x = torch.where(real[None, :, None], x, self._pad_embedding.to(x.dtype) / self._scale)
+        return {"inputs_embeds": x * self._scale, "attention_mask": mask}
 
     def _excluded(self, obs: Observation, params: dict[str, torch.Tensor]) -> set[str]:
         return {embedding_name(obs, params)}  # inputs_embeds bypass the embedding lookup
@@ -112,10 +163,14 @@ class TAG(GradientInversion):
         assert self._cand is not None
         E = params[self._emb].detach()[self._cand]  # [C, d]
         sim = torch.nn.functional.normalize(x.detach(), dim=-1) @ torch.nn.functional.normalize(E, dim=-1).T
-        return self._cand[sim.argmax(-1)]  # [n, L]
+        return self._padded(self._cand[sim.argmax(-1)])  # [n, L]
+
+    def _lm_labels(self, tok: torch.Tensor) -> torch.Tensor:
+        """A causal LM's labels for ``tok``: the tokens, -100 at padding (as the client's batch had them)."""
+        return tok.masked_fill(~self._real(tok.shape[1], tok.device)[None], -100)
 
     def _refresh_labels(self, obs: Observation, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._nearest(x, params)  # causal LM: the labels are the (current guess of the) tokens
+        return self._lm_labels(self._nearest(x, params))  # causal LM: the labels are the current guess of the tokens
 
     def _finish(self, search: _Search, x: torch.Tensor, soft: torch.Tensor | None) -> Reconstruction:
         obs = search.obs
@@ -143,8 +198,8 @@ class TAG(GradientInversion):
 
         def dist(tok: torch.Tensor) -> float:
             with torch.enable_grad():
-                lab = tok if obs.task.kind == "lm" else y
-                inputs = {"input_ids": tok, "attention_mask": torch.ones_like(tok)}
+                lab = self._lm_labels(tok) if obs.task.kind == "lm" else y
+                inputs = {"input_ids": tok, "attention_mask": self._real(tok.shape[1], tok.device).long().expand_as(tok)}
                 sim = simulate(model, params, names, inputs, lab, obs.task, steps, lr, bs,  # type: ignore[arg-type]
                                **search.replay)
                 return float(gradient_distance({k: v.detach() for k, v in sim.items()}, full_tgt, "l2"))
@@ -155,8 +210,9 @@ class TAG(GradientInversion):
         start = best
         for _ in range(self.refine_sweeps):
             changed = False
+            real = self._real(tokens.shape[1], tokens.device)
             for i in range(tokens.shape[0]):
-                for j in range(tokens.shape[1]):
+                for j in (j for j in range(tokens.shape[1]) if bool(real[j])):  # padding stays padding
                     if time.perf_counter() > search.deadline:
                         search.budget_limited = True
                         return tokens, start, best

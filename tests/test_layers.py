@@ -34,7 +34,7 @@ FL_FLOORS = [  # bottom to top
      "replies"},
     {"data"},
     {"training", "plugins", "plan"},
-    {"strategy", "server_hook", "audit"},
+    {"strategy", "server_hook", "audit", "recorder"},
     {"client_app", "server_app"},
     {"simulation", "sweep", "report", "cli"},
 ]

@@ -153,3 +153,56 @@ def test_malicious_reinit_crafts_a_fresh_model():
     assert torch.equal(att.craft(obs.global_params, 2, 3)["classifier.weight"], crafted["classifier.weight"])  # seeded
     assert float(crafted["classifier.bias"].abs().sum()) == 0
     assert float(reinitialise({"vit.layernorm.weight": torch.zeros(4)}, 0)["vit.layernorm.weight"].sum()) == 4
+
+
+def _padded_case(kind, side="right", real=7, L=10):
+    """A batch of one sentence of ``real`` tokens padded (pad id 0) to L, as the client's collate makes it."""
+    factory, task, batch = _text_case(kind, L=L)
+    mask = torch.zeros(1, L, dtype=torch.long)
+    if side == "right":
+        mask[:, :real] = 1
+    else:
+        mask[:, L - real:] = 1
+    ids = batch["input_ids"].masked_fill(mask == 0, 0)
+    labels = batch["labels"] if kind == "text" else ids.masked_fill(mask == 0, -100)
+    return factory, task, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("kind, side", [("lm", "right"), ("text", "right")])
+def test_tag_reads_the_padding_and_recomputes_the_padded_update(kind, side):
+    """The padding is read off the position-embedding update, and TAG's recomputation with the true tokens under
+    that mask is the client's real padded update (every parameter but the embedding, which inputs_embeds bypass);
+    ignoring the mask is not."""
+    base, task, batch = _padded_case(kind, side)
+
+    def factory():  # no dropout, eager attention on both sides: the recomputation must equal the update exactly
+        m = base().eval()
+        m.set_attn_implementation("eager")  # fedprobe's default; SDPA treats fully masked (left-pad) rows otherwise
+        return m
+
+    obs = client_round(factory, batch, task)
+    tag = ATTACKS.create("tag", iterations=1)
+    model = attack_model(factory, torch.float32)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in obs.global_params.items()}
+    tag._init_inputs(obs, 1, params, torch.Generator().manual_seed(0), torch.float32)
+    assert torch.equal(tag._mask, batch["attention_mask"][0])
+    x = (params[tag._emb].detach()[batch["input_ids"]] / tag._scale).requires_grad_(True)
+    names = [k for k in params if k != tag._emb]
+    target = obs.pseudo_gradient()
+    labels = batch["labels"] if kind == "text" else tag._lm_labels(batch["input_ids"])
+
+    def err(inputs, labels=labels):
+        sim = simulate(model, params, names, inputs, labels, task, 1, 0.1, 1)
+        return max(float((sim[k] - target[k]).abs().max()) for k in names) / max(float(target[k].abs().max()) for k in names)
+
+    masked = err(tag._model_inputs(x))
+    assert masked < 1e-5
+    # the padding-blind recomputation TAG did before: no attention mask and, for an LM, pads scored as tokens
+    blind = {"inputs_embeds": x * tag._scale, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    assert err(blind, batch["input_ids"] if kind == "lm" else labels) > max(100 * masked, 1e-4)
+
+
+def test_tag_recovers_a_right_padded_sentence_on_tiny_gpt2():
+    factory, task, batch = _padded_case("lm", "right")
+    scores = attack_and_score(ATTACKS.create("tag", iterations=100), client_round(factory, batch, task), batch)[1]
+    assert scores["token_accuracy"] >= 0.9
