@@ -3,7 +3,7 @@
 Ground truth (the simulation's copy of the victim's batch, in the batch-dict format of
 ``models.tasks``) is used here only, after the attack returned; it never reaches the
 attack. Score names are unprefixed (``psnr``, ``psnr_median``, ``ssim``,
-``recovered_fraction``, ``exact_fraction``, ``token_accuracy``, ``rouge1``, ``rouge2``,
+``recovered_fraction``, ``exact_fraction``, ``token_accuracy``, ``exact_sentences``, ``rouge1``, ``rouge2``,
 ``rougeL``, ``label_accuracy``, ``label_baseline``) followed by the attack's own metrics.
 A ``best_of`` reconstruction (``artifacts["members"]``) is scored member by member and
 the strongest is kept (:func:`score_best`).

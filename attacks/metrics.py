@@ -172,6 +172,7 @@ def text_scores(rec: torch.Tensor, orig: torch.Tensor, mask: torch.Tensor | None
     n_tok = sum(len(o) for _, o in pairs)
     return {
         "token_accuracy": sum(token_accuracy(r, o) * len(o) for r, o in pairs) / max(n_tok, 1),
+        "exact_sentences": float(np.mean([token_accuracy(r, o) == 1.0 for r, o in pairs])),
         "rouge1": float(np.mean([rouge_n(r, o, 1) for r, o in pairs])),
         "rouge2": float(np.mean([rouge_n(r, o, 2) for r, o in pairs])),
         "rougeL": float(np.mean([rouge_l(r, o) for r, o in pairs])),

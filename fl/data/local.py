@@ -173,7 +173,8 @@ def text_jsonl(
 def pixel_csv(path: str = "", label_column: str = "label", shape: list[int] | None = None,
               max_value: float = 255.0) -> LoadedData:
     """images as CSV rows (MNIST-CSV style): a label column, then one column per pixel; params: path,
-    label_column, shape ([C, H, W]; default one grey square channel), max_value (255: pixels / 255 -> [0, 1])."""
+    label_column, shape ([C, H, W]; default one grey square channel), max_value (255: pixels / 255 -> [0, 1]).
+    A tabular CSV of F numeric features is shape [1, 1, F] (one mean/std for all features: scale them first)."""
     source = "pixel_csv"
     p = _existing(path, source, want_dir=False)
     if not max_value > 0:

@@ -120,3 +120,19 @@ def test_fedprobe_run_trains_a_plain_cnn(on_path, tmp_path, monkeypatch, source)
     final = json.loads((tmp_path / "s.json").read_text())["final"]
     assert final["accuracy"] > 0.2  # chance is 0.1: the plain CNN learns in 2 rounds
     assert "attack_psnr" in final and final["attack_label_accuracy"] >= 0
+
+
+def test_pixel_csv_reads_tabular_rows_as_one_by_one_by_f(tmp_path):
+    """A tabular CSV (iris: 4 features) is a pixel CSV of shape [1, 1, F]: features [N, 1, 1, 4], for a plain MLP."""
+    from sklearn.datasets import load_iris
+
+    d = load_iris()
+    p = tmp_path / "iris.csv"
+    with p.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["species", "sl", "sw", "pl", "pw"])
+        for x, y in zip(d.data, d.target):
+            w.writerow([d.target_names[y], *x])
+    data = pixel_csv(str(p), label_column="species", shape=[1, 1, 4], max_value=8.0)
+    assert data.data.tensors["pixel_values"].shape == (150, 1, 1, 4)
+    assert data.task.num_classes == 3 and data.task.extra["class_names"] == ["setosa", "versicolor", "virginica"]

@@ -1,0 +1,92 @@
+"""span_text (DAGER-style): the span test, sequence growth, fallbacks, and a 2-client federated run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from attacks.base import ATTACKS, Observation
+from attacks.harness import attack_and_score
+from attacks.span_text import SpanText, _distance, _span_basis
+from models.tasks import TaskSpec, task_loss
+
+V, L, D = 40, 8, 48
+TASK = TaskSpec(kind="lm", seq_len=L, vocab_size=V, pad_token_id=0)
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=2, n_positions=L, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+# two hand-made sentences, right-padded with 0: lengths 6 and 4
+IDS = torch.tensor([[5, 9, 12, 7, 30, 11, 0, 0], [8, 9, 21, 17, 0, 0, 0, 0]])
+MASK = (IDS != 0).long()
+BATCH = {"input_ids": IDS, "attention_mask": MASK, "labels": IDS.masked_fill(MASK == 0, -100)}
+
+
+def observe(batch=BATCH, steps=1) -> Observation:
+    model = gpt2()
+    g0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        task_loss(model, batch, TASK)[0].backward()
+        opt.step()
+    g1 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    n = len(batch["input_ids"])
+    md = {"lr": 0.1, "local_steps": steps, "batch_size": n, "num_examples": n, "optimizer": "sgd"}
+    return Observation(1, 0, 0, g0, g1, md, TASK, gpt2)
+
+
+def test_the_span_test_finds_every_token_of_the_batch_and_no_other():
+    """Layer 1: exactly the (token, position) pairs that carry loss lie in the span: every real token but each
+    sentence's last one (it predicts a pad); no other pair of the vocabulary."""
+    obs = observe()
+    model = gpt2()
+    grad = {k: (obs.global_params[k] - obs.client_params[k]).double() / 0.1 for k in obs.client_params}
+    basis = _span_basis(grad["transformer.h.0.attn.c_attn.weight"], 1e-5)
+    t = model.transformer.double()
+    with torch.no_grad():
+        x = t.h[0].ln_1(t.wte.weight[None] + t.wpe.weight[:L, None])  # [L, V, d]
+        found = {(p, v) for p, v in torch.nonzero(_distance(x, basis) < 1e-3).tolist()}
+    expected = {(p, int(IDS[i, p])) for i in range(2) for p in range(int(MASK[i].sum()) - 1)}
+    assert found == expected
+
+
+def test_span_text_recovers_the_batch_exactly():
+    rec, scores = attack_and_score(ATTACKS.create("span_text"), observe(), BATCH)
+    assert scores["exact_sentences"] == 1.0 and scores["token_accuracy"] == 1.0 and scores["rouge1"] == 1.0
+    assert rec.metrics["span_fallback"] == 0.0 and rec.metrics["span_sentences_grown"] == 2.0
+
+
+def test_span_text_falls_back_where_the_structure_does_not_pin_the_batch():
+    quick = {"fallback_params": {"iterations": 5, "refine_sweeps": 0}}
+    rec = ATTACKS.create("span_text", **quick).attack(observe(steps=2))  # FedAvg: the spans of 2 models mix
+    assert rec.metrics["span_fallback"] == 1.0 and "FedAvg" in rec.artifacts["span_fallback_reason"]
+    wide = {k: v.repeat(8, 1) for k, v in BATCH.items()}  # 16 random sentences x 8 tokens: 112 > d = 48
+    wide["input_ids"] = torch.randint(1, V, wide["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    wide["attention_mask"] = torch.ones_like(wide["input_ids"])
+    wide["labels"] = wide["input_ids"].clone()
+    rec = SpanText(**quick).attack(observe(wide))
+    assert rec.metrics["span_fallback"] == 1.0 and "does not pin" in rec.artifacts["span_fallback_reason"]
+    with pytest.raises(ValueError, match="tol"):
+        SpanText(tol=2.0)
+
+
+def test_span_text_in_a_two_client_run(tmp_path, monkeypatch):
+    from fl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "span.toml"
+    cfg.write_text(open(__file__.replace("tests/attacks/test_span_text.py", "experiments/attack_text_batch.toml"))
+                   .read().replace("num_clients = 4", "num_clients = 2").replace("batch_size = 8", "batch_size = 2"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(cfg), "--tracking-uri", uri, "--summary-json", "s.json", "--no-progress"]) == 0
+    final = json.loads((tmp_path / "s.json").read_text())["final"]
+    assert final["attack_exact_sentences"] == 1.0 and final["attack_rouge1"] == 1.0 and final["attack_span_fallback"] == 0
