@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fl.config import FLOWER_PARTITIONS, OWN_PARTITIONS
-from fl.registry import Registry, RegistryError
+from fl.registry import Registry
 
 PARTITIONERS: Registry = Registry("partitioner", entry_point_group="fedprobe.partitioners",
                                   base="flwr_datasets.partitioner:Partitioner")
