@@ -32,7 +32,6 @@ if os.environ.get("FEDPROBE_VERBOSE") != "1":
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-
 class InjectedClientFailure(RuntimeError):
     """A crash injected by ``federation.failure_rate`` (fault-tolerance testing)."""
 
