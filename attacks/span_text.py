@@ -190,13 +190,14 @@ class SpanText(Attack):
         upd = tgt[emb].norm(dim=-1)
         pool = torch.topk(upd, min(int(upd.numel()), 4 * L)).indices.tolist()  # tokens whose rows moved most
         rows = [pre + [pad] * (L - len(pre)) for pre in prefixes]
+        leaves = {k: v.clone().requires_grad_(k in names) for k, v in params.items()}  # simulate never writes them
 
         def one(row: list[int], length: int) -> dict[str, torch.Tensor]:
             """The gradient of one sentence's loss (the batch's is their mean: fedprobe's LM loss averages examples)."""
             ids = torch.tensor([row])
             mask = torch.tensor([[1] * length + [0] * (L - length)])
             with torch.enable_grad():
-                sim = simulate(model, {k: v.clone().requires_grad_(k in names) for k, v in params.items()}, names,
+                sim = simulate(model, leaves, names,
                                {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100), obs.task,
                                1, lr, 1)
             return {k: v.detach() for k, v in sim.items()}

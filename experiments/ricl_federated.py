@@ -23,8 +23,8 @@ Protocol (Flower Message API, one TRAIN message per node and problem instance):
 Simulation choices [derived]: the task f (β) of an instance is drawn from
 (seed, instance) on every side and never travels: the server's prompt and the
 clients' data are labelled by the same f, as in the centralised experiment. The
-simulation goes through Flower's ``_run_simulation`` (Ray backend) like
-``fl.simulation``.
+simulation runs on :func:`fl.simulation.serve` (Flower's runtime, a private local Ray
+instance), the engine ``fedprobe run`` uses.
 """
 
 from __future__ import annotations
@@ -348,32 +348,18 @@ def server_main(grid: Grid, context: Context) -> None:
 
 def simulate(opts: FedRICLOptions, num_clients: int, tracking_uri: str = "", run_name: str = "",
              verbose: bool = False) -> dict[str, Any]:
-    """Run the protocol on Flower's simulation engine (Ray backend, ``num_clients`` SuperNodes, 1 CPU each)."""
-    from fl.simulation import run_apps
+    """Run the protocol on fedprobe's simulation engine (:func:`fl.simulation.serve`: Flower's runtime on a private
+    local Ray instance, ``num_clients`` SuperNodes, 1 CPU each). Only the two app bodies are this module's: the
+    messages carry a prompt and m weights, not a model, so fedprobe's own ClientApp and round loop do not apply."""
+    from fl.simulation import local_init_args, serve
 
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     opts = replace(opts, cache_dir=str(Path(opts.cache_dir).resolve()))  # one machine: the actors' cwd may differ
-    holder: dict[str, Any] = {}
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            holder["result"] = run_ricl_federation(grid, opts, tracking_uri, run_name)
-        except BaseException as exc:  # re-raised in the caller's thread
-            holder["error"] = exc
-
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0},
-               "init_args": {"num_cpus": min(num_clients, os.cpu_count() or 1), "logging_level": "ERROR",
-                             "log_to_driver": True}}
-    run_apps(app, client_app, num_clients, backend, verbose)
-    if "error" in holder:
-        exc = holder["error"]
-        raise RuntimeError(f"federated RICL failed: {type(exc).__name__}: {exc}") from exc
-    if "result" not in holder:
-        raise RuntimeError("the simulation ended without a result (see the log above)")
-    return holder["result"]
+               "init_args": local_init_args(min(num_clients, os.cpu_count() or 1))}
+    return serve(lambda grid, context: run_ricl_federation(grid, opts, tracking_uri, run_name), client_app,
+                 num_clients, backend, verbose)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

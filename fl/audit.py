@@ -54,6 +54,7 @@ from attacks.base import ATTACKS, Attack, Observation
 from defenses.base import DEFENSES, ClientContext, Defense
 from fl import ground_truth
 from fl.arrays import InvalidUpdate, check_update, from_record, to_record
+from fl.replies import check_weight
 from models.tasks import TaskSpec
 
 log = logging.getLogger("fedprobe")
@@ -361,7 +362,8 @@ class AuditStrategy(Strategy):
                 sent = self._sent.get(node)
                 if sent is not None:
                     check_update(received, sent)
-                self._check_weight(reply)
+                check_weight(reply.content, (getattr(self.inner, "weighted_by_key", "num-examples"),),
+                             record=None, required=None)
             except (InvalidUpdate, ValueError, KeyError) as exc:
                 counts["clients_rejected"] += 1
                 self._event(f"round {server_round}: rejected {who}: {exc}")
@@ -421,7 +423,8 @@ class AuditStrategy(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Any:
         """Flower's ``Strategy.start`` loop, inside one tracked MLflow run (the user's call is unchanged)."""
-        from fl.tracking import Tracker, provenance, publish_view
+        from fl.recorder import close_run, run_summary
+        from fl.tracking import Tracker, provenance
 
         description = (f"audit of {type(self.inner).__name__}: attack {self.attack_name} on clients {self.victims}, "
                        f"rounds {self.rounds or 'all'}, {num_rounds} rounds")
@@ -453,23 +456,10 @@ class AuditStrategy(Strategy):
             return result
         finally:
             ground_truth.clear(self.output_dir, self.token)
-            final: dict[str, float] = {}
-            for row in self.history:
-                final.update({k: v for k, v in row.items() if k != "round"})
-            summary = {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
-                       "experiment_id": self.tracker.experiment_id, "status": status,
-                       "rounds_completed": len({int(r["round"]) for r in self.history if r["round"] > 0}),
-                       "seconds": time.perf_counter() - t0, "final": final, "events": self.events}
-            self.summary_dict = summary
-            try:
-                self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=num_rounds)
-                self.tracker.log_dict(summary, "summary.json")
-                if self.events:
-                    self.tracker.log_text("\n".join(self.events) + "\n", "events.txt")
-                self.tracker.finish(status)
-                publish_view(self.tracker.client, self.tracker.experiment_id, [f"final_{k}" for k in final])
-            except Exception as exc:  # tracking must never hide the run's own error
-                log.error("could not finalise MLflow run %s: %s", self.tracker.run_id, exc)
+            self.summary_dict = run_summary(
+                self.tracker, status, self.history, self.events, t0,
+                rounds_completed=len({int(r["round"]) for r in self.history if r["round"] > 0}))
+            close_run(self.tracker, self.summary_dict, step=num_rounds)
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _pop_facts(self, reply: Message) -> dict[str, Any] | None:
@@ -478,14 +468,6 @@ class AuditStrategy(Strategy):
         facts = dict(reply.content[FACTS_KEY].items())
         del reply.content[FACTS_KEY]  # the wrapped strategy sees the user's records only
         return facts
-
-    def _check_weight(self, reply: Message) -> None:
-        key = getattr(self.inner, "weighted_by_key", "num-examples")
-        for _, rec in reply.content.metric_records.items():
-            if key in rec:
-                v = rec[key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v <= 0:
-                    raise InvalidUpdate(f"aggregation weight {key} = {v!r} is not a finite number > 0")
 
     def _event(self, line: str) -> None:
         log.warning(line)

@@ -182,30 +182,42 @@ class RunRecorder:
     def finish(self, status: str, global_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """``final_*``, ``summary.json``, the run's status; returns the summary. Never raises (tracking must not hide
         the run's own error)."""
-        final = _final_metrics(self.history)
-        summary = {"run_id": self.run_id, "tracking_uri": self.tracker.uri, "experiment_id": self.tracker.experiment_id,
-                   "status": status, "rounds_completed": len(self.history), "seconds": time.perf_counter() - self.t_start,
-                   "config_digest": self.cfg.digest(), "final": final, "events": self.events}
+        summary = run_summary(self.tracker, status, self.history, self.events, self.t_start,
+                              rounds_completed=len(self.history), config_digest=self.cfg.digest())
         try:
             if status == "FINISHED" and self.cfg.tracking.log_model:
                 self.tracker.log_torch_state(global_state, "model/global_state.pt")
-            if status == "FINISHED" and self.events:
-                self.tracker.log_text("\n".join(self.events) + "\n", "events.txt")
-            self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=len(self.history))
-            self.tracker.log_dict(summary, "summary.json")
-            self.tracker.finish(status)
-            publish_view(self.tracker.client, self.tracker.experiment_id, [f"final_{k}" for k in final])
         except Exception as exc:  # noqa: BLE001
-            log.error("could not finalise MLflow run %s: %s", self.run_id, exc)
+            log.error("could not log the global model of MLflow run %s: %s", self.run_id, exc)
+        close_run(self.tracker, summary, step=len(self.history))
         return summary
 
 
-def _final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
-    """Last value of every metric seen in any round (attacks may skip the last round)."""
+def run_summary(tracker: Tracker, status: str, history: list[dict[str, float]], events: list[str], t_start: float,
+                **fields: Any) -> dict[str, Any]:
+    """What ``summary.json`` holds (``fedprobe run`` and :class:`fl.audit.AuditStrategy` alike): the run's ids and
+    status, ``final`` (the last value of every metric seen in any round: attacks may skip the last round), the events,
+    and ``fields`` (rounds completed, config digest)."""
     final: dict[str, float] = {}
     for row in history:
         final.update({k: v for k, v in row.items() if k != "round"})
-    return final
+    return {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+            "status": status, **fields, "seconds": time.perf_counter() - t_start, "final": final, "events": events}
+
+
+def close_run(tracker: Tracker, summary: dict[str, Any], step: int) -> None:
+    """End a tracked run: ``final_*`` at ``step``, ``summary.json``, ``events.txt`` (when there were events), the
+    status, and the experiment's shared view. Never raises: tracking must not hide the run's own error."""
+    final = summary["final"]
+    try:
+        if summary["events"]:
+            tracker.log_text("\n".join(summary["events"]) + "\n", "events.txt")
+        tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=step)
+        tracker.log_dict(summary, "summary.json")
+        tracker.finish(summary["status"])
+        publish_view(tracker.client, tracker.experiment_id, [f"final_{k}" for k in final])
+    except Exception as exc:  # noqa: BLE001
+        log.error("could not finalise MLflow run %s: %s", tracker.run_id, exc)
 
 
 def _log_attack_rows(tracker: Tracker, rows: list[dict[str, Any]], rnd: int) -> None:

@@ -20,18 +20,28 @@ from fl.arrays import InvalidUpdate
 WEIGHT_KEYS = ("num-examples", "uniform-weight")
 
 
-def check_weight(content: object) -> None:
-    """The aggregation weights must be finite and > 0 (``num-examples = NaN`` poisons FedAvg's mean)."""
-    metrics = content["metrics"] if "metrics" in content else None  # type: ignore[operator,index]
-    if metrics is None:
-        raise InvalidUpdate("no 'metrics' record (the aggregation weight travels there)")
-    for key in WEIGHT_KEYS:
-        if key in metrics:
-            v = metrics[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or float(v) <= 0:
-                raise InvalidUpdate(f"aggregation weight {key} = {v!r} is not a finite number > 0")
-    if "num-examples" not in metrics:
-        raise InvalidUpdate("aggregation weight num-examples is missing")
+def check_weight(content: object, keys: tuple[str, ...] = WEIGHT_KEYS, *, record: str | None = "metrics",
+                 required: str | None = "num-examples") -> None:
+    """The aggregation weights must be finite and > 0 (``num-examples = NaN`` poisons FedAvg's mean).
+
+    fedprobe's own replies carry them in the record ``metrics`` and must have ``num-examples``;
+    :class:`fl.audit.AuditStrategy` checks the wrapped strategy's ``weighted_by_key`` in whichever metric
+    record the user's app sends (``record=None``), and leaves a missing key to that strategy's own check."""
+    if record is None:
+        records = [rec for _, rec in content.metric_records.items()]  # type: ignore[attr-defined]
+    else:
+        records = [content[record]] if record in content else []  # type: ignore[operator,index]
+        if not records:
+            raise InvalidUpdate(f"no {record!r} record (the aggregation weight travels there)")
+    for metrics in records:
+        for key in keys:
+            if key in metrics:
+                v = metrics[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+                        or float(v) <= 0:
+                    raise InvalidUpdate(f"aggregation weight {key} = {v!r} is not a finite number > 0")
+    if required is not None and not any(required in m for m in records):
+        raise InvalidUpdate(f"aggregation weight {required} is missing")
 
 
 def update_norm(received: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,16 @@ def _keep_secret(cfg: Config, secret: str) -> Any:
     return keep
 
 
+def local_init_args(num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments of a private local instance: address "local" even when `ray start` left a cluster on
+    this machine (or RAY_ADDRESS is set), so a simulation never attaches to, or is slowed by, somebody else's Ray."""
+    return {"address": "local", "num_cpus": num_cpus or os.cpu_count() or 1, "logging_level": "ERROR",
+            "log_to_driver": True}
+
+
 def backend_config(cfg: Config) -> dict[str, Any]:
     fed = cfg.federation
-    # address "local": a private instance even when `ray start` left a cluster on this machine (or RAY_ADDRESS is set)
-    init_args: dict[str, Any] = {"address": "local", "num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                                 "log_to_driver": True}
+    init_args = local_init_args()
     if fed.ray_address:  # join an existing cluster: its resources are the cluster's, not this machine's
         init_args = {"address": fed.ray_address, "logging_level": "ERROR", "log_to_driver": True}
     elif fed.client_gpus > 0:
@@ -97,11 +103,34 @@ def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[s
                     server_app_context=context, verbose_logging=verbose)
 
 
+def serve(main: Callable[[Any, Any], Any], client_app: Any, num_clients: int, backend: dict[str, Any],
+          verbose: bool = False, run_config: dict[str, Any] | None = None) -> Any:
+    """Run ``main(grid, context)`` as the ServerApp against ``num_clients`` simulated ClientApps and return its
+    result. A failure inside ``main`` is raised here as :class:`SimulationError` (one line, not a thread
+    traceback); so is a simulation that ended without running it to the end."""
+    from flwr.serverapp import ServerApp
+
+    holder: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Any, context: Any) -> None:
+        try:
+            holder["result"] = main(grid, context)
+        except BaseException as exc:  # reported by the caller, not as a thread traceback
+            holder["error"] = exc
+
+    run_apps(server_app, client_app, num_clients, backend, verbose, run_config)
+    if "error" in holder:
+        exc = holder["error"]
+        raise SimulationError(f"{type(exc).__name__}: {exc}") from exc
+    if "result" not in holder:
+        raise SimulationError("the simulation ended without a result (see the log above)")
+    return holder["result"]
+
+
 def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` as a Flower simulation; return the summary (see ``run_federation``)."""
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-
     from fl.client_app import app as client_app
 
     options = options or RunOptions()
@@ -115,29 +144,14 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
                 previous(run_id)
 
         options.on_start = on_start
-    holder: dict[str, Any] = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            holder["summary"] = run_federation(grid, cfg, options)
-        except BaseException as exc:  # reported by the caller, not as a thread traceback
-            holder["error"] = exc
-
     previous_secret = os.environ.get(SECRET_ENV)
     os.environ[SECRET_ENV] = secret  # inherited by Ray's worker processes (the clients)
     os.environ["FEDPROBE_VERBOSE"] = "1" if verbose else "0"  # the clients' log level (fl.client_app)
     try:
-        run_apps(server_app, client_app, cfg.federation.num_clients, backend_config(cfg), verbose)
+        return serve(lambda grid, context: run_federation(grid, cfg, options), client_app,
+                     cfg.federation.num_clients, backend_config(cfg), verbose)
     finally:
         if previous_secret is None:
             os.environ.pop(SECRET_ENV, None)
         else:
             os.environ[SECRET_ENV] = previous_secret
-    if "error" in holder:
-        exc = holder["error"]
-        raise SimulationError(f"{type(exc).__name__}: {exc}") from exc
-    if "summary" not in holder:
-        raise SimulationError("the simulation ended without a result (see the log above)")
-    return holder["summary"]

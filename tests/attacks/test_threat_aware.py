@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_gradient_inversion import IMG, client_round, digits, vit
+from tests.attacks.test_gradient_inversion import IMG, client_round, digits, vit
 
 from attacks.base import ATTACKS, Attack, Observation, Reconstruction
 from attacks.gradients import attack_model, gradient_distance, noise_weights, simulate

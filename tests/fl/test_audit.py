@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from attacks.gradients import simulate
+from fl.arrays import to_record
 from fl.audit import _batch_of, _complete_facts, image_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,3 +171,41 @@ def test_replay_matches_an_adam_client(auditapp):
         task, 1, lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-3), 0.01)
     assert replay(optimizer="adam", betas=(0.8, 0.99), eps=1e-6, partial_batches=True) < 1e-9 * scale
     assert replay(partial_batches=True) > 1e-3 * scale
+
+
+def _reply(node: int, weight, record: str = "train_metrics", key: str = "n"):
+    import time
+
+    from flwr.app import MessageType, Metadata, MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+
+    meta = Metadata(run_id=0, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="r",
+                    group_id="1", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": to_record({"w": torch.full((2,), float(node))}),
+                          record: MetricRecord({key: weight} if weight is not None else {"loss": 1.0})})
+    return make_message(meta, content)
+
+
+def test_reply_weights_are_checked_in_any_record_under_the_strategys_key():
+    """The audit checks the wrapped strategy's ``weighted_by_key`` (one check with fedprobe's own server,
+    fl.replies.check_weight) in whatever metric record the user's app sends; a bad weight is one event."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl.audit import AuditStrategy
+
+    audit = AuditStrategy(FedAvg(weighted_by_key="n"), attack="idlg", model=lambda: torch.nn.Linear(2, 2),
+                          task=image_task(2, (1, 1, 2)), victims=(), rounds=())
+    replies = [_reply(1, 3), _reply(2, float("nan")), _reply(3, 0), _reply(4, -1.5), _reply(5, 1.0)]
+    arrays, _ = audit.aggregate_train(1, replies)
+    w = arrays.to_torch_state_dict()["w"]
+    assert torch.allclose(w, torch.full((2,), (1 * 3 + 5 * 1.0) / 4.0))  # only nodes 1 and 5, weighted 3 : 1
+    assert len(audit.events) == 3 and all("aggregation weight n = " in e for e in audit.events)
+    # fedprobe's own replies: the record is "metrics" and num-examples must be there
+    from fl.arrays import InvalidUpdate
+    from fl.replies import check_weight
+
+    with pytest.raises(InvalidUpdate, match="num-examples is missing"):
+        check_weight(_reply(1, 3, record="metrics").content)
+    with pytest.raises(InvalidUpdate, match="no 'metrics' record"):
+        check_weight(_reply(1, 3).content)
+    check_weight(_reply(1, 3, record="metrics", key="num-examples").content)

@@ -40,15 +40,15 @@ params = { step = 0.01 }
 
 
 def test_plugin_classes_behave():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import torch
+    import importlib.util
 
-        from my_plugins import QuantizeUpdate
+    import torch
 
-        out = QuantizeUpdate(step=0.5).transform_update({"w": torch.tensor([0.2, 0.3, -0.9])}, None)
-        assert out["w"].tolist() == [0.0, 0.5, -1.0]
-        with pytest.raises(ValueError, match="step must be > 0"):
-            QuantizeUpdate(step=0)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    # the README puts examples/ on PYTHONPATH; here the module is loaded from its file, leaving sys.path alone
+    spec = importlib.util.spec_from_file_location("my_plugins", EXAMPLES / "my_plugins.py")
+    my_plugins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(my_plugins)
+    out = my_plugins.QuantizeUpdate(step=0.5).transform_update({"w": torch.tensor([0.2, 0.3, -0.9])}, None)
+    assert out["w"].tolist() == [0.0, 0.5, -1.0]
+    with pytest.raises(ValueError, match="step must be > 0"):
+        my_plugins.QuantizeUpdate(step=0)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_attention_hf import batch_for, bert, gpt2, inputs, vit  # noqa: E402
-
-from models.adapters import apply_adapter, trainable_parameters  # noqa: E402
-from models.attention import install_attention  # noqa: E402
-from models.tasks import per_example_loss  # noqa: E402
+from models.adapters import apply_adapter, trainable_parameters
+from models.attention import install_attention
+from models.tasks import per_example_loss
+from tests.models.test_attention_hf import batch_for, bert, gpt2, inputs, vit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 L, H, D = 1, 2, 8  # layers, heads, head dim of the tiny models

@@ -116,3 +116,22 @@ def test_laricl_mode_replies_with_closed_form_weights():
     expect = ricl_client_weights(load_model(opts), prompt, client_val_split(opts, 0, 2), **opts.method_kwargs())
     assert torch.allclose(w, expect["weights"].float(), atol=1e-6)
     assert reply.content["metrics"]["val_loss"] < reply.content["metrics"]["val_loss_uniform"]
+
+
+def test_simulation_runs_on_fedprobes_engine_in_a_private_ray(monkeypatch):
+    """The RICL protocol brings only its two app bodies: engine, backend and error reporting are fl.simulation's."""
+    import fl.simulation
+
+    seen = {}
+
+    def fake_run_apps(server_app, client_app, num_clients, backend, verbose=False, run_config=None):
+        seen.update(client_app=client_app, num_clients=num_clients, backend=backend)
+
+    monkeypatch.setattr(fl.simulation, "run_apps", fake_run_apps)
+    with pytest.raises(fl.simulation.SimulationError, match="ended without a result"):
+        simulate(FedRICLOptions(model="ridge", instances=1), num_clients=3)
+    from experiments.ricl_federated import client_app
+
+    assert seen["client_app"] is client_app and seen["num_clients"] == 3
+    assert seen["backend"]["init_args"]["address"] == "local"  # never a cluster `ray start` or RAY_ADDRESS left
+    assert seen["backend"]["client_resources"] == {"num_cpus": 1, "num_gpus": 0}
