@@ -9,7 +9,7 @@ TORCH_VERSION = 2.13.0
 TORCH_INDEX ?=
 STAMP   = $(VENV)/.fedprobe-installed
 
-.PHONY: setup quickstart test test-slow test-all clean
+.PHONY: setup quickstart test test-slow test-all bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# benchmarks/bench_text_vs_breaching.py: breaching 0.1.2 and its config stack in a folder of their own (no torchvision,
+# never in .venv); run it with PYTHONPATH=.bench-deps
+BENCH_DEPS = .bench-deps
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_DEPS) breaching==0.1.2 hydra-core==1.3.2 \
+		omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
 
 clean:
 	rm -rf $(VENV) fedprobe-output mlflow.db mlruns

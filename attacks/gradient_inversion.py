@@ -115,6 +115,12 @@ class GradientInversion(Attack):
                 raise ValueError("iDLG needs an output-layer bias of shape [num_classes]; use label_strategy='joint'")
         return None
 
+    def _init_soft(self, search: _Search, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor | None:
+        """Soft-label logits [n, C] optimised jointly with the inputs when no labels are known (DLG), else None."""
+        if search.labels is not None or search.obs.task.kind == "lm":
+            return None
+        return torch.randn(n, search.obs.task.num_classes, generator=gen, dtype=dtype)
+
     # ---- search space (images; TAG overrides) --------------------------------------
     def _init_inputs(self, obs: Observation, n: int, params: dict[str, torch.Tensor], gen: torch.Generator,
                      dtype: torch.dtype) -> torch.Tensor:
@@ -179,9 +185,9 @@ class GradientInversion(Attack):
 
                     x = APRIL().attack(obs).inputs.to(dtype)  # the closed form (a blend when n > 1)
                 x = x.to(dev).requires_grad_(True)
-                soft = None
-                if search.labels is None and obs.task.kind != "lm":
-                    soft = torch.randn(n, obs.task.num_classes, generator=gen, dtype=dtype).to(dev).requires_grad_(True)
+                soft = self._init_soft(search, n, gen, dtype)
+                if soft is not None:
+                    soft = soft.to(dev).requires_grad_(True)
                 starts += 1
                 history, it = self._search(search, x, soft)
                 final = self._distance(search, x, soft)

@@ -99,8 +99,13 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], inputs: dict[s
     out = functional_call(model, params, args=args, kwargs=kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     if labels.is_floating_point():
-        if task.kind == "lm":
-            logits, labels = logits[:, :-1], labels[:, 1:]
+        if task.kind == "lm":  # position t predicts t + 1; as the client's loss: pads carry none, per-sentence means
+            tok = -(torch.softmax(labels[:, 1:], -1) * F.log_softmax(logits[:, :-1], -1)).sum(-1)  # [B, L - 1]
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                return tok.mean()
+            m = mask[:, 1:].to(tok.dtype)
+            return ((tok * m).sum(1) / m.sum(1).clamp(min=1)).mean()
         return -(torch.softmax(labels, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
     return per_example_loss(logits, labels, task).mean()
 

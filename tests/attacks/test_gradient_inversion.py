@@ -206,3 +206,31 @@ def test_tag_recovers_a_right_padded_sentence_on_tiny_gpt2():
     factory, task, batch = _padded_case("lm", "right")
     scores = attack_and_score(ATTACKS.create("tag", iterations=100), client_round(factory, batch, task), batch)[1]
     assert scores["token_accuracy"] >= 0.9
+
+
+def test_soft_lm_labels_follow_the_clients_padded_loss():
+    """TAG's joint soft labels (``lm_labels="soft"``, the default) are scored as the client's loss is: pads carry no
+    loss and each sentence is averaged over its own tokens, so near-one-hot soft labels give the client's padded
+    update; the padding-blind soft loss (every position, one mean over the batch) does not."""
+    base, task, _ = _text_case("lm", L=10)
+    factory = lambda: base().eval()  # noqa: E731
+    ids = torch.randint(5, task.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 6:] = 0  # two lengths: 6 and 10 tokens
+    ids = ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    obs = client_round(factory, batch, task)
+    model = attack_model(factory, torch.float64)
+    params = {k: v.detach().double().clone().requires_grad_(True) for k, v in obs.global_params.items()}
+    names = list(params)
+    target = {k: v.double() for k, v in obs.pseudo_gradient().items()}
+    soft = 60.0 * torch.nn.functional.one_hot(ids, task.vocab_size).double()  # softmax is one-hot to ~1e-20
+
+    def err(inputs):
+        sim = simulate(model, params, names, inputs, soft, task, 1, 0.1, 2)
+        return max(float((sim[k] - target[k]).abs().max()) for k in names) / max(float(target[k].abs().max()) for k in names)
+
+    assert err({"input_ids": ids, "attention_mask": mask}) < 1e-5
+    assert err({"input_ids": ids}) > 1e-3  # no mask: every position scored, as breaching's CausalLoss does
+    with pytest.raises(ValueError, match="lm_labels"):
+        ATTACKS.create("tag", lm_labels="hard")
