@@ -17,7 +17,8 @@ LayerNorm, token type 0). So:
    says so and keeps the per-position best).
 3. **What the span cannot see**: a causal LM's last real token predicts a pad (or nothing), so it carries no loss and
    is not in any span; it is chosen among the candidate tokens by the smallest full-update gradient distance, one
-   sentence at a time (deterministic).
+   sentence at a time (deterministic), each sentence's gradient clipped as DP-SGD clipped it when the public
+   defense list says so (the batch gradient is the mean of the clipped sentence gradients).
 
 Where the structure does not pin the batch down (the span is full rank because B * n >= d, the update is not
 FedSGD, or no sentence survives) the attack falls back to ``fallback`` (TAG, ``attacks.tag``, with
@@ -36,6 +37,7 @@ from torch import nn
 
 from attacks.base import ATTACKS, Attack, Observation, Reconstruction
 from attacks.gradients import examples_touched, gradient_distance, observed_target, simulate
+from attacks.threat import public_defenses
 
 
 def _span_basis(g: torch.Tensor, rank_tol: float) -> torch.Tensor:
@@ -191,6 +193,7 @@ class SpanText(Attack):
         pool = torch.topk(upd, min(int(upd.numel()), 4 * L)).indices.tolist()  # tokens whose rows moved most
         rows = [pre + [pad] * (L - len(pre)) for pre in prefixes]
         leaves = {k: v.clone().requires_grad_(k in names) for k, v in params.items()}  # simulate never writes them
+        clip = public_defenses(obs.defenses).example_clip  # DP-SGD clips each sentence's gradient: model it
 
         def one(row: list[int], length: int) -> dict[str, torch.Tensor]:
             """The gradient of one sentence's loss (the batch's is their mean: fedprobe's LM loss averages examples)."""
@@ -199,7 +202,7 @@ class SpanText(Attack):
             with torch.enable_grad():
                 sim = simulate(model, leaves, names,
                                {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100), obs.task,
-                               1, lr, 1)
+                               1, lr, 1, example_clip=clip)
             return {k: v.detach() for k, v in sim.items()}
 
         lengths = [min(len(pre) + 1, L) for pre in prefixes]

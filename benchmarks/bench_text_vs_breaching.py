@@ -179,8 +179,8 @@ def main() -> None:
                 fb = sum(r.get("span_fallback", 0.0) for r in runs)
                 rows.append(f"| {'padded 24' if padded else 'unpadded 8'} | {B} | {name} | "
                             + " | ".join(f"{mean[k]:.3f}" for k in keys)
-                            + f" | {per} | {mean['attack_seconds']:.1f} |"
-                            + (f" fallback {fb:.0f}/{len(runs)}" if name == "span_text" else ""))
+                            + f" | {per} | {mean['attack_seconds']:.1f} | "
+                            + (f"{fb:.0f}/{len(runs)} |" if name == "span_text" else "- |"))
                 print(rows[-1], flush=True)
     total = time.perf_counter() - t_start
     head = (f"\n## fedprobe's text attacks vs breaching's TAG on the same updates ({datetime.date.today()}, "
@@ -189,8 +189,8 @@ def main() -> None:
             f"benchmarks/bench_text_vs_breaching.py{' --quick' if args.quick else ''} --seeds {seeds} "
             f"--batches {','.join(map(str, batches))} --text {args.text} --ours {args.ours} --n-embd {args.n_embd} --breaching-iterations "
             f"{args.breaching_iterations}` (GPT-2, d = {args.n_embd}, 2 blocks, textgen_lm, FedSGD, {seeds} seeds)\n\n"
-            "| text | B | attack | token acc | exact sentences | ROUGE-1 | ROUGE-2 | token acc per seed | attack s |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            "| text | B | attack | token acc | exact sentences | ROUGE-1 | ROUGE-2 | token acc per seed | attack s "
+            "| span fallbacks |\n|---|---|---|---|---|---|---|---|---|---|\n")
     print(head + "\n".join(rows))
     if args.out:
         with open(args.out, "a") as f:

@@ -65,6 +65,32 @@ def test_span_text_recovers_the_batch_exactly():
     assert rec.metrics["span_fallback"] == 0.0 and rec.metrics["span_sentences_grown"] == 2.0
 
 
+def test_span_text_models_dp_sgd_clipping_of_each_sentence():
+    """Per-example clipping (DP-SGD without noise) scales each sentence's gradient by its own factor: the spans stay,
+    and the last tokens are chosen against clipped sentence gradients, as the public defense list says."""
+    import dataclasses
+
+    C = 0.05
+    model = gpt2().double()  # float64 update: a float32 one this small would sit on the rounding floor (full rank)
+    g0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    total = {k: torch.zeros_like(v) for k, v in g0.items()}
+    for i in range(2):  # Opacus: mean over the batch of g_i * min(1, C / (|g_i| + 1e-6))
+        model.zero_grad()
+        one = {k: v[i : i + 1] for k, v in BATCH.items()}
+        task_loss(model, one, TASK)[0].backward()
+        g = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        norm = float(torch.sqrt(sum((v**2).sum() for v in g.values())))
+        assert norm > 2 * C  # both sentences are clipped, by different factors
+        for k in total:
+            total[k] += g[k] * min(1.0, C / (norm + 1e-6)) / 2
+    g1 = {k: g0[k] - 0.1 * total[k] for k in g0}
+    md = {"lr": 0.1, "local_steps": 1, "batch_size": 2, "num_examples": 2, "optimizer": "sgd"}
+    dp = ({"name": "dp_sgd", "params": {"noise_multiplier": 0.0, "max_grad_norm": C}},)
+    obs = dataclasses.replace(Observation(1, 0, 0, g0, g1, md, TASK, gpt2), defenses=dp)
+    rec, scores = attack_and_score(ATTACKS.create("span_text"), obs, BATCH)
+    assert rec.metrics["span_fallback"] == 0.0 and scores["exact_sentences"] == 1.0
+
+
 def test_span_text_falls_back_where_the_structure_does_not_pin_the_batch():
     quick = {"fallback_params": {"iterations": 5, "refine_sweeps": 0}}
     rec = ATTACKS.create("span_text", **quick).attack(observe(steps=2))  # FedAvg: the spans of 2 models mix
