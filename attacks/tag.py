@@ -9,8 +9,8 @@ one with the smallest distance on the *full* update, embedding included), in the
 Labels of a causal LM (``lm_labels``): ``"soft"`` (default) optimises next-token label logits [n, L, V] jointly with
 the embeddings, as breaching's TAG does (``benchmarks/bench_text_vs_breaching.py``), scored under the client's mask
 (pads carry no loss, per-sentence means); ``"tokens"`` uses the current nearest tokens as hard labels. On the tiny
-GPT-2 the soft labels lifted token accuracy from 0.46 to 0.69 at B = 2 (padded) and from 0.54 to 0.71 at B = 4,
-and to 1.0 on three B = 1 victims (benchmarks/RESULTS.md).
+GPT-2 the soft labels lifted token accuracy from 0.46 to 0.69 at B = 2 (padded) and from 0.54 to 0.71 at B = 4
+(unpadded), and to 1.0 on three B = 1 victims (benchmarks/RESULTS.md).
 
 Padding: the client's batch is padded to ``task.seq_len`` with an attention mask, and pad positions carry no loss
 (labels -100 for a causal LM; masked keys and a [CLS] read-out for an encoder), so their position-embedding rows
