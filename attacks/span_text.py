@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from attacks.base import ATTACKS, Attack, Observation, Reconstruction
-from attacks.gradients import examples_touched, gradient_distance, observed_target, simulate
+from attacks.gradients import (
+    attack_model, examples_touched, gradient_distance, infer_labels, observed_target, simulate,
+)
 from attacks.threat import public_defenses
 
 
@@ -94,7 +96,7 @@ class SpanText(Attack):
         steps = max(int(obs.metadata.get("local_steps", 1)), 1)
         if steps != 1 or str(obs.metadata.get("optimizer", "sgd")).lower() == "adam":
             return self._fallback(obs, t0, "FedAvg (several local steps or Adam): spans of several models mix")
-        model = obs.model_factory().double().eval()
+        model = attack_model(obs.model_factory, torch.float64, str(obs.metadata.get("model_mode", "eval")))
         model.load_state_dict({k: v.double() for k, v in obs.global_params.items()}, strict=False)
         lay = self._layout(model)
         grad, _, _ = observed_target(obs, torch.float64)  # the FedSGD gradient (global - client) / lr
@@ -130,8 +132,6 @@ class SpanText(Attack):
         metrics.update({"span_fallback": 0.0, "attack_seconds": time.perf_counter() - t0, "iterations": 0.0})
         labels = None
         if obs.task.kind == "text":
-            from attacks.gradients import infer_labels
-
             labels = infer_labels(obs, n)
         return Reconstruction(tokens=tokens, labels=labels, metrics=metrics)
 
