@@ -49,7 +49,8 @@ from attacks.harness import run_attack, score  # noqa: E402
 from fl.data.federated import load_dataset  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.tasks import task_loss  # noqa: E402
+
+from bench_attacks import observe  # noqa: E402  (run as a script, benchmarks/ is on the path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,24 +114,18 @@ def breaching_tag(obs: Observation, n: int, seq_len: int, vocab: int, seed: int,
                                                               "iterations": float(iterations)})
 
 
-def client_update(factory, batch: dict[str, torch.Tensor], task, lr: float = 0.1) -> Observation:
-    """One FedSGD step of an honest fedprobe client (its loss: labels -100 on padding, per-sentence means)."""
-    m = factory()
-    g0 = {k: v.detach().clone() for k, v in m.named_parameters()}
-    opt = torch.optim.SGD(m.parameters(), lr=lr)
-    task_loss(m, batch, task)[0].backward()
-    opt.step()
-    c = {k: v.detach().clone() for k, v in m.named_parameters()}
-    n = len(batch["labels"])
-    md = {"lr": lr, "local_steps": 1, "batch_size": n, "num_examples": n, "optimizer": "sgd"}
-    return Observation(1, 0, 0, g0, c, md, task, factory)
-
-
 def victims(seq_len: int, B: int, seed: int) -> tuple[dict[str, torch.Tensor], Any]:
     data = load_dataset("textgen_lm", {"seq_len": seq_len})
     idx = [seed * 8 + i for i in range(B)]  # disjoint sentences per seed, the same first B at every B
     items = [data.data[i] for i in idx]
     return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels")}, data.task
+
+
+def data_free_guess(seq_len: int, B: int) -> Reconstruction:
+    """What a server with the public corpus but no update guesses: every position's most frequent token (the
+    corpus includes the victims, which flatters the guess), the same row for all B sentences."""
+    ids = load_dataset("textgen_lm", {"seq_len": seq_len}).data.tensors["input_ids"]  # [N, L]
+    return Reconstruction(tokens=torch.mode(ids, dim=0).values.expand(B, seq_len).clone())
 
 
 def main() -> None:
@@ -162,7 +157,7 @@ def main() -> None:
                 batch, task = victims(seq_len, B, s)
                 cfg = ModelConfig(family="gpt2", size="tiny", params={"n_embd": args.n_embd})
                 factory = (lambda cfg=cfg, task=task: build_model(cfg, task, seed=0))
-                obs = client_update(factory, batch, task)
+                obs = observe(factory, None, batch, task)  # one FedSGD step, SGD lr 0.1
                 for name, make in ours.items():
                     torch.manual_seed(s)
                     res.setdefault(name, []).append(run_attack(make(), obs, batch))
@@ -170,6 +165,9 @@ def main() -> None:
                 out = score(rec, batch, task)
                 out["attack_seconds"] = rec.metrics["attack_seconds"]
                 res.setdefault("breaching tag", []).append(out)
+                guess = score(data_free_guess(seq_len, B), batch, task)
+                guess["attack_seconds"] = 0.0
+                res.setdefault("data-free guess", []).append(guess)
                 print(f"padded={padded} B={B} seed={s}: " + "; ".join(
                     f"{k} {v[-1]['token_accuracy']:.3f}/{v[-1]['exact_sentences']:.2f}" for k, v in res.items()),
                     flush=True)
