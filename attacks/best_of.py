@@ -19,7 +19,8 @@ Default members, by task (threat models: see each attack's docstring):
   DP noise, started from APRIL), ``inverting_gradients`` (cosine + TV, signed Adam).
   [project's choice] TV weight and starts chosen on validation victims 1-3 of
   ``experiments/attack_dlg_digits.toml`` under DP-SGD sigma 0.01 (benchmarks/RESULTS.md).
-* text: ``tag`` and ``tag_cosine``.
+* text: ``span_text`` (exact recovery from first-layer gradient spans; skipped, with the reason, where the span does
+  not pin the batch down: DP noise, FedAvg, B x n >= d), ``tag`` and ``tag_cosine``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ IMAGE_MEMBERS: tuple[dict[str, Any], ...] = (
     {"name": "inverting_gradients", "params": {"iterations": 500, "restarts": 1}},
 )
 TEXT_MEMBERS: tuple[dict[str, Any], ...] = (
+    {"name": "span_text", "params": {"fallback": "none"}},  # exact where the span pins the batch, else skipped
     {"name": "tag"},
     {"name": "tag", "label": "tag_cosine", "params": {"objective": "cosine"}},
 )
@@ -90,13 +92,16 @@ class BestOf(Attack):
         members: list[tuple[str, Reconstruction]] = []
         metrics: dict[str, float] = {}
         errors: list[str] = []
-        for spec in self.specs(obs):
+        index: list[int] = []  # each member's place in the member list (attack_best_member names it)
+        for i, spec in enumerate(self.specs(obs)):
             try:
                 rec = self._build(spec).attack(obs)
             except ValueError as exc:  # a member whose threat model does not fit this victim (e.g. april on text)
                 errors.append(f"{spec['label']}: {exc}")
+                metrics[f"{spec['label']}/skipped"] = 1.0
                 continue
             members.append((spec["label"], rec))
+            index.append(i)
             metrics.update({f"{spec['label']}/{k}": float(v) for k, v in rec.metrics.items()})
         if not members:
             raise ValueError("no best_of member could attack this victim: " + "; ".join(errors))
@@ -104,4 +109,5 @@ class BestOf(Attack):
         metrics["attack_seconds"] = time.perf_counter() - t0
         first = members[0][1]
         return Reconstruction(inputs=first.inputs, tokens=first.tokens, labels=first.labels, metrics=metrics,
-                              artifacts={"members": members, "member_errors": errors})
+                              artifacts={"members": members, "member_index": index,
+                                                               "member_errors": errors})

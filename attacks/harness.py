@@ -42,14 +42,16 @@ def to_unit_range(x: torch.Tensor, task: TaskSpec) -> torch.Tensor:
 
 def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
           recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None,
-          image_prior: torch.Tensor | None = None) -> dict[str, float]:
+          image_prior: torch.Tensor | None = None, token_prior: torch.Tensor | None = None) -> dict[str, float]:
     """Reconstruction scores for whatever the reconstruction and ground truth both hold.
 
     ``label_prior`` (class frequencies the server knows, e.g. of its own test split) adds
     ``label_baseline``: the score of the best data-free guess on the same batch. ``image_prior``
     (a mean image [C, H, W] the server knows, in the task's normalised space) adds ``psnr_baseline``:
     the median PSNR of that one image against each original, the data-free guess's score, and
-    ``recovered_baseline``: the share of originals that guess already "recovers" (PSNR >= ``recovered_psnr``)."""
+    ``recovered_baseline``: the share of originals that guess already "recovers" (PSNR >= ``recovered_psnr``).
+    ``token_prior`` (one token per position [L], e.g. each position's most frequent token in the server's split)
+    adds ``token_baseline`` and ``rouge1_baseline``: that one sentence, guessed for every example, scored the same way."""
     if not ground_truth:
         return {}
     out: dict[str, float] = {}
@@ -62,7 +64,11 @@ def score(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, tas
             out["psnr_baseline"] = float(guess_psnr.clamp(max=EXACT_PSNR).median())
             out["recovered_baseline"] = float((guess_psnr >= recovered_psnr).float().mean())  # the guess's "recovered"
     if rec.tokens is not None and "input_ids" in ground_truth:
-        out.update(text_scores(rec.tokens.cpu(), ground_truth["input_ids"].cpu(), ground_truth.get("attention_mask")))
+        ids, mask = ground_truth["input_ids"].cpu(), ground_truth.get("attention_mask")
+        out.update(text_scores(rec.tokens.cpu(), ids, mask))
+        if token_prior is not None and token_prior.shape[-1] == ids.shape[-1]:
+            guess = text_scores(token_prior.cpu().reshape(1, -1).expand_as(ids), ids, mask)
+            out["token_baseline"], out["rouge1_baseline"] = guess["token_accuracy"], guess["rouge1"]
     if "X" in rec.artifacts and "W" in rec.artifacts and "attention_input" in ground_truth:
         out.update(_layer_input_scores(rec.artifacts["X"], ground_truth["attention_input"], rec.artifacts["W"]))
     if rec.labels is not None and "labels" in ground_truth and task.kind != "lm":
@@ -92,18 +98,19 @@ def _strength(scores: dict[str, float]) -> tuple[float, ...]:
 
 def score_best(rec: Reconstruction, ground_truth: dict[str, torch.Tensor] | None, task: TaskSpec,
                recovered_psnr: float = RECOVERED_PSNR, label_prior: Sequence[float] | None = None,
-               image_prior: torch.Tensor | None = None) -> tuple[Reconstruction, dict[str, float]]:
+               image_prior: torch.Tensor | None = None, token_prior: torch.Tensor | None = None
+               ) -> tuple[Reconstruction, dict[str, float]]:
     """(the reconstruction to show, its scores); for ``best_of`` the strongest member, with every
     member's scores as ``<label>/<score>`` and ``best_member`` (its index)."""
     members = rec.artifacts.get("members")
     if not members:
-        return rec, score(rec, ground_truth, task, recovered_psnr, label_prior, image_prior)
-    per = [score(r, ground_truth, task, recovered_psnr, label_prior, image_prior) for _, r in members]
+        return rec, score(rec, ground_truth, task, recovered_psnr, label_prior, image_prior, token_prior)
+    per = [score(r, ground_truth, task, recovered_psnr, label_prior, image_prior, token_prior) for _, r in members]
     best = max(range(len(members)), key=lambda i: _strength(per[i]))
     out = dict(per[best])
     for (label, _), s in zip(members, per):
         out.update({f"{label}/{k}": v for k, v in s.items()})
-    out["best_member"] = float(best)
+    out["best_member"] = float(rec.artifacts.get("member_index", range(len(members)))[best])  # in the member list
     return members[best][1], out
 
 

@@ -9,7 +9,9 @@ LayerNorm, token type 0). So:
 
 1. **Tokens per position** (layer 1): every (vocabulary token, position) pair is tested; those whose input lies in
    the span of the first block's query/key/value weight gradient (relative distance < ``tol``) are the candidates.
-   The test needs no trained weights: random initialisation is fine.
+   The test needs no trained weights: random initialisation is fine. The span's rank counts only the singular
+   values above what float32 rounding of the sent weights adds (:func:`_rounding_floor`): the server recovers the
+   gradient as (global - sent) / lr. For an encoder's batch of one, each position's nearest input is read off.
 2. **Sentences** (causal LMs, layer 2): the second block's input at position p depends on the tokens 0..p only, so
    a prefix extended by a candidate is kept only if its second-block input lies in the span of the second block's
    gradient: sequences grow token by token, and false candidates of step 1 die there. An encoder (BERT) is
@@ -22,7 +24,8 @@ LayerNorm, token type 0). So:
 
 Where the structure does not pin the batch down (the span is full rank because B * n >= d, the update is not
 FedSGD, or no sentence survives) the attack falls back to ``fallback`` (TAG, ``attacks.tag``, with
-``fallback_params``) and reports ``span_fallback = 1`` with the reason as an artifact.
+``fallback_params``) and reports ``span_fallback = 1`` with the reason as an artifact; ``fallback = "none"`` raises
+instead (``best_of`` uses it so, beside its own TAG members).
 FedAvg with several local steps mixes the spans of K different models: not modelled (DAGER's FedAvg variant is not
 built), so those updates fall back too. Scores: token accuracy, ``exact_sentences``, ROUGE-1/2/L (the harness).
 """
@@ -42,11 +45,30 @@ from attacks.gradients import (
 from attacks.threat import public_defenses
 
 
-def _span_basis(g: torch.Tensor, rank_tol: float) -> torch.Tensor:
-    """Orthonormal basis [d, r] of the column space of g [d, k] (singular values above ``rank_tol`` x the largest)."""
+ENCODER_TOL, ENCODER_GAP = 0.05, 0.3  # an encoder position is real: best distance < 0.05 and < 0.3 x the second's
+VOCAB_CHUNK = 2**17  # (position, token) inputs tested at once: 2^17 x d float64 (d = 768: 0.8 GB)
+
+
+def _span_basis(g: torch.Tensor, rank_tol: float, floor: float = 0.0) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the column space of g [d, k]: singular values above ``rank_tol`` x the largest and
+    above ``floor`` (what the float32 rounding of the sent weights alone produces, :func:`_rounding_floor`)."""
     U, S, _ = torch.linalg.svd(g, full_matrices=False)
-    r = int((S > rank_tol * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    r = int((S > max(rank_tol * float(S[0]), floor)).sum()) if S.numel() and float(S[0]) > 0 else 0
     return U[:, :r]
+
+
+def _rounding_floor(sent: torch.Tensor, lr: float, margin: float = 3.0) -> float:
+    """The largest singular value float32 rounding of the client's weights ``sent`` [d, k] puts into the recovered
+    gradient (global - sent) / lr, times ``margin``: each entry's error is uniform within half a unit in the last
+    place (std ulp / sqrt 12), and an i.i.d. d x k matrix of std s has top singular value ~ s (sqrt d + sqrt k).
+    Weight-sending FL (Flower's FedAvg messages) pays it, a gradient-sending one does not: on MiniLM (lr 0.03) it
+    sits at 1.7e-4 of the largest singular value and hides directions of a B = 4 batch (measured)."""
+    if sent.dtype != torch.float32:
+        return 0.0
+    w = sent.abs()
+    ulp = (torch.nextafter(w, torch.full_like(w, float("inf"))) - w).double()
+    s = float(torch.sqrt((ulp**2 / 12).mean())) / max(lr, 1e-300)
+    return margin * s * (sent.shape[0] ** 0.5 + sent.shape[1] ** 0.5)
 
 
 def _distance(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -66,11 +88,13 @@ class SpanText(Attack):
             raise ValueError(f"span_text tol and rank_tol must be in (0, 1), got {tol!r}, {rank_tol!r}")
         if max_prefixes < 1:
             raise ValueError(f"span_text max_prefixes must be >= 1, got {max_prefixes!r}")
-        # rank_tol 1e-6: float32 updates put the noise floor of the singular values near 1e-7 of the largest (a
-        # client's float32 step divided by lr); 1e-5 cut true directions of the second block at B = 16
+        # rank_tol 1e-6: 1e-5 cut true directions of the second block at B = 16 (tiny GPT-2); the rounding floor
+        # (_rounding_floor), computed per update, is the cut that matters where it is higher (MiniLM: 1.7e-4)
         self.tol, self.rank_tol, self.max_prefixes = float(tol), float(rank_tol), int(max_prefixes)
-        self.fallback = ATTACKS.create(fallback, **(fallback_params if fallback_params is not None else
-                                                    {"iterations": 300}))
+        # fallback "none": where the span does not pin the batch, raise ValueError instead (best_of then skips this
+        # member and its own TAG members answer, so TAG is not run twice)
+        self.fallback = None if fallback == "none" else ATTACKS.create(
+            fallback, **(fallback_params if fallback_params is not None else {"iterations": 300}))
 
     # -- the model's first blocks ------------------------------------------------------------------------------
     @staticmethod
@@ -99,21 +123,25 @@ class SpanText(Attack):
         model = attack_model(obs.model_factory, torch.float64, str(obs.metadata.get("model_mode", "eval")))
         model.load_state_dict({k: v.double() for k, v in obs.global_params.items()}, strict=False)
         lay = self._layout(model)
-        grad, _, _ = observed_target(obs, torch.float64)  # the FedSGD gradient (global - client) / lr
+        grad, _, lr = observed_target(obs, torch.float64)  # the FedSGD gradient (global - client) / lr
         L = obs.task.seq_len
         g1 = grad[lay["proj"][0]]
         g1 = g1 if lay["conv1d"] else g1.T  # Conv1D [d_in, d_out]; nn.Linear [d_out, d_in]
-        b1 = _span_basis(g1, self.rank_tol)
+        floor = _rounding_floor(obs.client_params[lay["proj"][0]], lr)
+        b1 = _span_basis(g1, self.rank_tol, floor)
         d = g1.shape[0]
         if b1.shape[1] == 0 or b1.shape[1] >= d - 1:  # (numerically) full rank: B x n >= d, or float32 noise
             return self._fallback(obs, t0, f"first-layer gradient has rank {b1.shape[1]} of {d}: B x n >= d")
         with torch.no_grad():
             base = lay["wpe"][:L, None, :] + (lay["tt"] if "tt" in lay else 0)  # [L, 1, d]
-            x1 = lay["ln"][0](lay["wte"][None, :, :] + base)  # [L, V, d]
-            dist1 = _distance(x1, b1)  # [L, V]
+            chunk = max(1, VOCAB_CHUNK // L)  # [L, V, d] in float64 is 3 GB for MiniLM (V 30522, d 384): by parts
+            dist1 = torch.cat([_distance(lay["ln"][0](lay["wte"][None, i:i + chunk, :] + base), b1)  # [L, chunk]
+                               for i in range(0, lay["wte"].shape[0], chunk)], dim=1)  # [L, V]
         cands = [torch.nonzero(dist1[p] < self.tol).flatten().tolist() for p in range(L)]
         n = examples_touched(obs)
-        metrics = {"span_rank": float(b1.shape[1]), "span_dim": float(d),
+        metrics = {"span_rank": float(b1.shape[1]), "span_dim": float(d), "span_rounding_floor": floor,
+                   "span_floor_layer2": _rounding_floor(obs.client_params[lay["proj"][1]], lr)
+                   if len(lay["proj"]) > 1 else 0.0,
                    "span_candidates": float(sum(len(c) for c in cands))}
         if lay["causal"]:
             prefixes = self._grow(model, lay, grad, cands, metrics, 8 * n)
@@ -124,9 +152,20 @@ class SpanText(Attack):
                                                f"for {n} examples (rank {b1.shape[1]} of {d})", metrics)
             tokens = self._finish_causal(obs, model, prefixes, n, cands)
         else:
+            # an encoder's batch of one: each position's nearest input. A rank cut at the rounding floor perturbs the
+            # basis, so the true input sits at 1e-4..1e-2 rather than below tol (MiniLM, measured): a position is
+            # real where its best distance is below ENCODER_TOL and well apart from the runner-up (a pad position's
+            # best is ~0.1, within 2x of its second)
+            two = torch.topk(dist1, 2, dim=-1, largest=False).values  # [L, 2]
             best = dist1.argmin(-1)  # [L]
-            real = torch.tensor([len(c) > 0 for c in cands])
+            real = torch.tensor([len(c) > 0 for c in cands]) | (
+                (two[:, 0] < ENCODER_TOL) & (two[:, 0] < ENCODER_GAP * two[:, 1]))
             row = torch.where(real, best, torch.full_like(best, obs.task.pad_token_id))
+            if n == 1 and int(real.sum()) != b1.shape[1]:  # one sentence: each real position is one span direction
+                return self._fallback(obs, t0, f"{int(real.sum())} positions read off a span of rank {b1.shape[1]}: "
+                                               "the span does not pin the sentence down (directions under the "
+                                               "float32 rounding floor, or inputs it does not model: dropout)",
+                                      metrics)
             tokens = row.expand(n, L).clone()
             metrics["span_unordered_batch"] = float(n > 1)
         metrics.update({"span_fallback": 0.0, "attack_seconds": time.perf_counter() - t0, "iterations": 0.0})
@@ -142,7 +181,7 @@ class SpanText(Attack):
         More than ``most`` live prefixes (or ``max_prefixes`` trials) means the span does not pin the batch: stop."""
         if len(lay["proj"]) < 2:
             raise ValueError("span_text needs a second transformer block to order a causal LM's tokens")
-        b2 = _span_basis(grad[lay["proj"][1]], self.rank_tol)
+        b2 = _span_basis(grad[lay["proj"][1]], self.rank_tol, metrics.get("span_floor_layer2", 0.0))
         metrics["span_rank_layer2"] = float(b2.shape[1])
         block0, ln2 = lay["blocks"][0], lay["ln"][1]
         live = [[t] for t in cands[0]]
@@ -228,6 +267,8 @@ class SpanText(Attack):
 
     def _fallback(self, obs: Observation, t0: float, why: str, metrics: dict[str, float] | None = None
                   ) -> Reconstruction:
+        if self.fallback is None:
+            raise ValueError(f"span_text: {why} (fallback = 'none')")
         rec = self.fallback.attack(obs)
         rec.metrics.update(metrics or {})
         rec.metrics.update({"span_fallback": 1.0, "attack_seconds": time.perf_counter() - t0})

@@ -190,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fl.simulation import SimulationError, simulate
 
     print(f"fedprobe: {cfg.experiment.name}: {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds, "
-          f"{cfg.model.family}-{cfg.model.size} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
+          f"{cfg.model.label()} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
           f"attack={cfg.attack.name}; defenses={[d.name for d in cfg.defenses] or 'none'}", file=sys.stderr)
     from fl.stopping import StopOnSignal
 

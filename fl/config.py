@@ -146,6 +146,9 @@ class TrackingConfig(_Section):
     output_dir: str = Field("fedprobe-output", description="folder for summaries, checkpoints and local artifacts")
 
 
+TOKENIZED_DATASETS = ("textgen", "textgen_lm", "text_csv", "text_jsonl")  # take data.params.tokenizer
+
+
 class Config(_Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -156,6 +159,17 @@ class Config(_Section):
     defenses: list[DefenseConfig] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _tokenizer_matches_model(self) -> "Config":
+        # a pretrained text model reads its own token ids: fedprobe's text datasets otherwise train a word-level
+        # tokenizer whose ids mean nothing to it (no error would follow, only a model that cannot learn)
+        if (self.model.pretrained and self.data.dataset in TOKENIZED_DATASETS
+                and not self.data.params.get("tokenizer")):
+            raise ValueError(f"model.pretrained = {self.model.pretrained!r} reads its own tokenizer's ids; set "
+                             f"data.params.tokenizer = {self.model.pretrained!r} (data.dataset {self.data.dataset!r} "
+                             "would train a word-level tokenizer)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

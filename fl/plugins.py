@@ -17,12 +17,13 @@ def registries() -> dict[str, Registry[Any]]:
     from fl.data import DATASETS
     from models import MODELS
     from models.attention import ATTENTION
+    from models.pretrained import PRETRAINED
     from optimizers import OPTIMIZERS
 
     for pkg in ("attacks", "defenses", "fl.faults", "optimizers", "models", "models.attention", "fl.data"):
         importlib.import_module(pkg)
     return {"dataset": DATASETS, "model": MODELS, "attention": ATTENTION, "optimizer": OPTIMIZERS,
-            "attack": ATTACKS, "defense": DEFENSES, "audit": AUDITS}
+            "attack": ATTACKS, "defense": DEFENSES, "audit": AUDITS, "pretrained": PRETRAINED}
 
 
 def check_names(cfg: Config) -> None:

@@ -39,7 +39,7 @@ class RunOptions:
 
 def _tags(cfg: Config) -> dict[str, str]:
     return {
-        "fedprobe.dataset": cfg.data.dataset, "fedprobe.model": f"{cfg.model.family}-{cfg.model.size}",
+        "fedprobe.dataset": cfg.data.dataset, "fedprobe.model": f"{cfg.model.label()}",
         "attack": cfg.attack.name, "defense": "+".join(d.name for d in cfg.defenses) or "none",
         "optimizer": cfg.optimizer.name, "attention": cfg.model.attention, "adapter": cfg.model.adapter,
         "fedprobe.config_digest": cfg.digest(),
@@ -50,7 +50,7 @@ def describe(cfg: Config) -> str:
     """The run's description when the config has none (MLflow shows it on the run page)."""
     fed = cfg.federation
     defenses = ", ".join(f"{d.name} {d.params}" if d.params else d.name for d in cfg.defenses) or "no defense"
-    return (f"{cfg.experiment.name}: {cfg.model.family}-{cfg.model.size} on {cfg.data.dataset}, {fed.num_clients} "
+    return (f"{cfg.experiment.name}: {cfg.model.label()} on {cfg.data.dataset}, {fed.num_clients} "
             f"clients x {fed.rounds} rounds, {cfg.optimizer.name} lr {cfg.optimizer.lr:g}; attack "
             f"{cfg.attack.name}; {defenses}; seed {cfg.experiment.seed}")
 

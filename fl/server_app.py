@@ -127,7 +127,7 @@ def _server(grid: Grid, cfg: Config, task: Any, data: Any, rec: RunRecorder,
         strategy = d.wrap_strategy(strategy, cfg)
     hook = ServerHook(cfg, task, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed), roster,
                       rec.artifact_dir, decode=data.decode, label_prior=data.label_prior(),
-                      image_prior=data.image_prior())
+                      image_prior=data.image_prior(), token_prior=data.token_prior())
     hook.restore(rec.hook_state)
     for d in server_defenses:  # a client-level audit's canary clients join the central-DP aggregation
         if hook.audit is not None and hasattr(d, "attach_canaries") and type(hook.audit).server_canaries is not \

@@ -81,10 +81,12 @@ def build_attack(cfg: Config) -> Attack | None:
 class ServerHook:
     def __init__(self, cfg: Config, task: TaskSpec, model_factory: Callable[[], torch.nn.Module],
                  roster: dict[int, int], artifact_dir: Path, decode: Callable[[list[int]], str] | None = None,
-                 label_prior: list[float] | None = None, image_prior: torch.Tensor | None = None) -> None:
+                 label_prior: list[float] | None = None, image_prior: torch.Tensor | None = None,
+                 token_prior: torch.Tensor | None = None) -> None:
         self.cfg = cfg
         self.label_prior = label_prior  # class frequencies of the server's own test split (for label_baseline)
         self.image_prior = image_prior  # mean image of that split (for psnr_baseline)
+        self.token_prior = token_prior  # its most frequent token per position (for token_baseline)
         self.task = task
         self.model_factory = model_factory
         self.roster = roster
@@ -312,7 +314,7 @@ class ServerHook:
             from attacks.harness import save_artifacts, score_best
 
             shown, scores = score_best(recon, oracle, self.task, self.cfg.attack.recovered_psnr, self.label_prior,
-                                       self.image_prior)
+                                       self.image_prior, self.token_prior)
             row.update({f"attack_{k}": float(v) for k, v in scores.items()})
             out = self.artifact_dir / f"attack_round{server_round}_client{pid}"
             row["artifacts"] = [str(p) for p in save_artifacts(shown, oracle, self.task, out, decode=self.decode)]

@@ -19,6 +19,7 @@ where no such attack runs.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from fl.registry import Registry, RegistryError
 from models import families  # noqa: F401  (registers vit, bert, gpt2)
 from models.config import ModelConfig
 from models.family import MODELS, ModelError, ModelFamily, _family
+from models.pretrained import resolve_pretrained
 from models.tasks import TaskSpec
 
 # model.family = "package.module:factory" naming a plain nn.Module class or factory (not a ModelFamily): the model is
@@ -38,6 +40,7 @@ from models.tasks import TaskSpec
 PLAIN_MODELS: Registry = Registry("model factory")
 
 DEFAULT_ATTN = "eager"
+_LOG = logging.getLogger("fedprobe.models")
 
 
 def apply_overrides(config: Any, params: dict[str, Any], family: str) -> None:
@@ -57,7 +60,7 @@ def apply_overrides(config: Any, params: dict[str, Any], family: str) -> None:
 
 
 def _from_pretrained(fam: ModelFamily, path_str: str, task: TaskSpec, params: dict[str, Any], attn: str) -> nn.Module:
-    path = Path(path_str).expanduser()
+    path = Path(resolve_pretrained(path_str))  # a registered name ("minilm") or a folder
     if not path.is_dir():
         raise ModelError(
             f"model.pretrained folder not found: {path} (give a folder written by save_pretrained, or '' for random init)"
@@ -74,11 +77,41 @@ def _from_pretrained(fam: ModelFamily, path_str: str, task: TaskSpec, params: di
     fam.fit_pretrained(config, task)
     apply_overrides(config, params, fam.name)
     try:
-        return fam.model_class(task).from_pretrained(
-            str(path), config=config, local_files_only=True, attn_implementation=attn, ignore_mismatched_sizes=True
-        )
+        with _quiet_transformers():  # its per-load report and progress bar, in every client process and round
+            model, info = fam.model_class(task).from_pretrained(
+                str(path), config=config, local_files_only=True, attn_implementation=attn,
+                ignore_mismatched_sizes=True, output_loading_info=True,
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.pretrained: cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
+    # the task's new head (classifier / score) is expected to be missing; anything else is worth one line
+    body = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(HEAD_PREFIXES))
+    if body:
+        shown = ", ".join(body[:4]) + (f" and {len(body) - 4} more" if len(body) > 4 else "")
+        _LOG.warning("model.pretrained %s lacks %d weights, randomly initialised: %s", path, len(body), shown)
+    return model
+
+
+HEAD_PREFIXES = ("classifier.", "score.")  # the heads fit_pretrained resizes to the task
+
+
+class _quiet_transformers:
+    """transformers' logging at ERROR and its progress bars off, restored on exit."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+        if self._bars:
+            hf_logging.enable_progress_bar()
 
 
 def _resolve(cfg: ModelConfig, task: TaskSpec) -> tuple[ModelFamily, dict[str, Any], str]:
@@ -182,7 +215,7 @@ def check_model(cfg: ModelConfig, task: TaskSpec) -> None:
         # builds every family and size), so transformers need not even be imported
         config = None
     elif cfg.pretrained:
-        path = Path(cfg.pretrained).expanduser()
+        path = Path(resolve_pretrained(cfg.pretrained))
         if not (path / "config.json").is_file():
             raise ModelError(f"model.pretrained: {path} has no config.json (give a folder written by save_pretrained, "
                              "or '' for random init)")

@@ -22,6 +22,12 @@ class ModelConfig(BaseModel):
     attention_params: dict[str, Any] = Field(default_factory=dict)
     adapter: Literal["full", "ntk", "lora", "prefix"] = "full"
     adapter_params: dict[str, Any] = Field(default_factory=dict)
-    pretrained: str = Field("", description="local folder for from_pretrained; empty means random init")
+    pretrained: str = Field("", description="local folder for from_pretrained, or a named checkpoint "
+                                            "(fedprobe list: pretrained, e.g. 'minilm'); empty means random init")
     params: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides, or the "
                                                                      "factory's keyword arguments")
+
+    def label(self) -> str:
+        """How runs name the model: ``bert-tiny``, or ``bert from minilm`` when loaded from a checkpoint (its size
+        is the checkpoint's, not ``size``)."""
+        return f"{self.family} from {self.pretrained}" if self.pretrained else f"{self.family}-{self.size}"

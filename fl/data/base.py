@@ -135,11 +135,19 @@ def word_tokenizer(texts: Sequence[str], vocab_size: int = 0, min_frequency: int
 
 
 def load_tokenizer(path: str) -> Any:
-    """A tokenizer saved with ``save_pretrained`` in a local folder (never downloads)."""
+    """A tokenizer saved with ``save_pretrained`` in a local folder, or a named checkpoint's (``"minilm"``, see
+    :mod:`models.pretrained`); never downloads."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
+    from models.family import ModelError
+    from models.pretrained import resolve_pretrained
+
+    try:
+        path = resolve_pretrained(path)
+    except ModelError as exc:
+        raise DataError(f"data.params.tokenizer: {exc}") from None
     if not Path(path).is_dir():
         raise DataError(f"tokenizer folder not found: {path} (give a folder written by tokenizer.save_pretrained)")
     try:

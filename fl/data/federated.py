@@ -67,6 +67,14 @@ class FederatedData:
             return None
         return torch.stack([self.test[i]["pixel_values"] for i in range(len(self.test))]).float().mean(0)
 
+    def token_prior(self) -> torch.Tensor | None:
+        """Each position's most frequent token in the central test split [L] (what the server holds), the data-free
+        guess beside text attacks (``attack_token_baseline``)."""
+        if self.task.kind not in ("text", "lm") or len(self.test) == 0:
+            return None
+        ids = torch.stack([self.test[i]["input_ids"] for i in range(len(self.test))])  # [N, L]
+        return torch.mode(ids, dim=0).values  # [L]
+
     @property
     def num_partitions(self) -> int:
         return len(self.client_indices)

@@ -3,9 +3,13 @@
 Each sentence fills a random template with a name, a time phrase, filler adjectives and
 ``keywords`` topic words. All but (with probability ``distractor``) one topic word come
 from the sentence's own topic; the odd one comes from another topic, so the label is the
-majority topic of the content words -- learnable by a tiny BERT in a few rounds, yet not
-a single-token lookup. Everything is deterministic in ``seed`` and built offline,
-including the word-level tokenizer (trained on the generated corpus).
+majority topic of the content words, not a single-token lookup. Everything is deterministic
+in ``seed`` and built offline, including the word-level tokenizer (trained on the generated
+corpus); ``tokenizer = "minilm"`` (or a folder) tokenises with a pretrained model's own instead.
+
+How fast it is learnt (central, batch 10, 500 test sentences; 2026-12-02): a randomly initialised
+tiny BERT with SGD (lr 0.1 or 1.0) stays at chance (0.25) after 300 steps and with Adam 3e-3 reaches
+0.75; the pretrained MiniLM (``model.pretrained = "minilm"``) with SGD lr 0.03 reaches 0.94 in 20.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fl.data.base import DATASETS, DataError, LoadedData, text_data, word_tokenizer
+from fl.data.base import DATASETS, DataError, LoadedData, load_tokenizer, text_data, word_tokenizer
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "sports": (
@@ -75,7 +79,9 @@ def generate_corpus(n_samples: int, seed: int, keywords: int, distractor: float)
     return tuple(texts), labels.astype(np.int64)
 
 
-def _generated(n_samples: int, seq_len: int, seed: int, keywords: int, distractor: float, kind: str) -> LoadedData:
+def _generated(
+    n_samples: int, seq_len: int, seed: int, keywords: int, distractor: float, kind: str, tokenizer: str
+) -> LoadedData:
     if n_samples < 8:
         raise DataError(f"textgen: n_samples must be >= 8, got {n_samples}")
     if not 0 <= distractor < 1:
@@ -83,22 +89,26 @@ def _generated(n_samples: int, seq_len: int, seed: int, keywords: int, distracto
     if keywords < 3:
         raise DataError(f"textgen: keywords must be >= 3 (so the majority topic is defined), got {keywords}")
     texts, labels = generate_corpus(n_samples, seed, keywords, distractor)
-    tok = word_tokenizer(texts)
+    # the word-level tokenizer trained on the corpus, or a pretrained model's own (its folder or name, e.g. "minilm")
+    tok = load_tokenizer(tokenizer) if tokenizer else word_tokenizer(texts)
     name = "textgen" if kind == "text" else "textgen_lm"
     return text_data(texts, labels, tok, seq_len, kind, list(TOPICS), name)  # type: ignore[arg-type]
 
 
 @DATASETS.register("textgen")
 def textgen(
-    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
+    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3,
+    tokenizer: str = "",
 ) -> LoadedData:
-    """generated 4-topic sentence classification, offline word-level tokenizer; params: n_samples, seq_len, seed."""
-    return _generated(n_samples, seq_len, seed, keywords, distractor, "text")
+    """generated 4-topic sentence classification, offline word-level tokenizer; params: n_samples, seq_len, seed,
+    tokenizer (a pretrained model's folder or name, e.g. "minilm", instead of the word-level one)."""
+    return _generated(n_samples, seq_len, seed, keywords, distractor, "text", tokenizer)
 
 
 @DATASETS.register("textgen_lm")
 def textgen_lm(
-    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3
+    n_samples: int = 5000, seq_len: int = 24, seed: int = 0, keywords: int = 3, distractor: float = 0.3,
+    tokenizer: str = "",
 ) -> LoadedData:
     """the textgen corpus as a causal-LM task (labels = input_ids, -100 on padding); params as textgen."""
-    return _generated(n_samples, seq_len, seed, keywords, distractor, "lm")
+    return _generated(n_samples, seq_len, seed, keywords, distractor, "lm", tokenizer)

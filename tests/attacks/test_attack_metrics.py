@@ -96,3 +96,18 @@ def test_prior_guess_and_label_baseline():
     assert label_baseline(torch.tensor([2]), [0.6, 0.3, 0.1]) == 0.0
     with pytest.raises(ValueError, match="prior"):
         prior_guess([], 3)
+
+
+def test_a_text_score_has_the_data_free_sentence_beside_it():
+    """token_prior (one token per position) is scored as the guess for every example: here it matches 2 of the 3
+    real tokens of the first sentence and 1 of 2 of the second (pads unscored)."""
+    from attacks.base import Reconstruction
+    from attacks.harness import score
+    from models.tasks import TaskSpec
+
+    ids = torch.tensor([[5, 6, 7, 0], [5, 9, 0, 0]])
+    truth = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    task = TaskSpec(kind="lm", seq_len=4, vocab_size=10)
+    s = score(Reconstruction(tokens=ids.clone()), truth, task, token_prior=torch.tensor([5, 6, 8, 0]))
+    assert s["token_accuracy"] == 1.0 and s["token_baseline"] == 3 / 5
+    assert "token_baseline" not in score(Reconstruction(tokens=ids.clone()), truth, task)

@@ -103,6 +103,8 @@ def test_span_text_falls_back_where_the_structure_does_not_pin_the_batch():
     assert rec.metrics["span_fallback"] == 1.0 and "does not pin" in rec.artifacts["span_fallback_reason"]
     with pytest.raises(ValueError, match="tol"):
         SpanText(tol=2.0)
+    with pytest.raises(ValueError, match="FedAvg.*fallback = 'none'"):  # best_of's member: raises, TAG runs once
+        SpanText(fallback="none").attack(observe(steps=2))
 
 
 def test_span_text_in_a_two_client_run(tmp_path, monkeypatch):
@@ -116,3 +118,46 @@ def test_span_text_in_a_two_client_run(tmp_path, monkeypatch):
     assert main(["run", str(cfg), "--tracking-uri", uri, "--summary-json", "s.json", "--no-progress"]) == 0
     final = json.loads((tmp_path / "s.json").read_text())["final"]
     assert final["attack_exact_sentences"] == 1.0 and final["attack_rouge1"] == 1.0 and final["attack_span_fallback"] == 0
+
+
+def test_the_rounding_floor_bounds_what_float32_weights_add_to_the_recovered_gradient():
+    """(global - float32(global - lr G)) / lr = G + rounding error: the error's singular values stay under the floor,
+    a rank-3 G's stay above it, so the basis has rank 3 (a rank_tol of 1e-6 alone would keep the error's too)."""
+    from attacks.span_text import _rounding_floor
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=gen, dtype=torch.float64) * 0.05).float()
+    g = torch.randn(96, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 64, generator=gen, dtype=torch.float64)
+    lr = 1e-3
+    sent = (w.double() - lr * g * 1e-3).float()  # a small update: its rounding error is 1e-4 of it
+    recovered = (w.double() - sent.double()) / lr
+    floor = _rounding_floor(sent, lr)
+    S = torch.linalg.svdvals(recovered)
+    assert (S[:3] > floor).all() and (S[3:] < floor).all() and float(S[3] / S[0]) > 1e-6
+    assert _span_basis(recovered, 1e-6, floor).shape[1] == 3 and _span_basis(recovered, 1e-6).shape[1] > 3
+
+
+def test_span_text_reads_a_minilm_sentence_exactly_and_a_tiny_bert_at_init_falls_back():
+    """BERT, batch of one, float32 FedSGD update: on the pretrained MiniLM (d = 384) the sentence's 16 positions are
+    16 span directions above the rounding floor, read off exactly; a randomly initialised tiny BERT's update has 2
+    directions above it, so the attack says it cannot read the sentence instead of guessing."""
+    from fl.data import load_dataset
+    from models import build_model
+    from models.config import ModelConfig
+
+    for pretrained, lr, exact in (("minilm", 0.03, True), ("", 0.1, False)):
+        data = load_dataset("textgen", {"seq_len": 32, "tokenizer": pretrained} if pretrained else {})
+        batch = {k: v[:1] for k, v in data.data.tensors.items()}
+        cfg = ModelConfig(family="bert", pretrained=pretrained)
+        model = build_model(cfg, data.task, seed=0)
+        g0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+        task_loss(model, batch, data.task)[0].backward()
+        g1 = {k: (v - lr * v.grad).detach() for k, v in model.named_parameters()}  # one float32 SGD step, as sent
+        md = {"lr": lr, "local_steps": 1, "batch_size": 1, "num_examples": 1, "optimizer": "sgd"}
+        obs = Observation(1, 0, 0, g0, g1, md, data.task, lambda: build_model(cfg, data.task, seed=0))
+        if exact:
+            rec, scores = attack_and_score(SpanText(fallback="none"), obs, batch)
+            assert scores["exact_sentences"] == 1.0 and rec.metrics["span_rank"] == int(batch["attention_mask"].sum())
+        else:
+            with pytest.raises(ValueError, match="rounding floor"):
+                SpanText(fallback="none").attack(obs)

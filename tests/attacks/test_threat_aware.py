@@ -153,6 +153,26 @@ def test_best_of_reports_the_strongest_member_per_victim(monkeypatch):
         ATTACKS.create("best_of", members=["imprint"])
 
 
+class _Refuses(Attack):
+    def attack(self, obs: Observation) -> Reconstruction:
+        raise ValueError("this threat model does not fit")
+
+
+def test_best_of_skips_a_member_that_cannot_attack_and_names_the_winner_in_the_member_list(monkeypatch):
+    """A member that raises ValueError is skipped (``<label>/skipped``); ``best_member`` still indexes the member list
+    as given, not the members that ran."""
+    orig = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    monkeypatch.setitem(ATTACKS._entries, "t_refuses", _Refuses)
+    monkeypatch.setitem(ATTACKS._entries, "t_good", type("t_good", (_Fixed,), {"__init__": lambda self: _Fixed.__init__(
+        self, orig.clone())}))
+    monkeypatch.setitem(ATTACKS._entries, "t_bad", type("t_bad", (_Fixed,), {"__init__": lambda self: _Fixed.__init__(
+        self, torch.zeros_like(orig))}))
+    rec = ATTACKS.create("best_of", members=["t_bad", "t_refuses", "t_good"]).attack(client_round(vit, digits(1), IMG))
+    _, s = score_best(rec, {"pixel_values": orig, "labels": torch.tensor([1, 1])}, IMG)
+    assert s["best_member"] == 2 and rec.metrics["t_refuses/skipped"] == 1.0
+    assert "does not fit" in rec.artifacts["member_errors"][0]
+
+
 def test_a_short_attack_is_deterministic():
     batch = digits(1, start=40)
     obs = client_round(vit, batch, IMG)

@@ -12,6 +12,8 @@ def test_defaults_validate():
 def test_quickstart_config_is_valid():
     cfg = load_config("experiments/quickstart.toml")
     assert cfg.federation.num_clients >= 10 and cfg.federation.rounds >= 3
+    text = load_config("experiments/quickstart_text.toml")
+    assert text.model.pretrained == text.data.params["tokenizer"] == "minilm" and text.federation.local_steps == 1
 
 
 @pytest.mark.parametrize(
@@ -23,11 +25,13 @@ def test_quickstart_config_is_valid():
         ("data.partition='zipf'", "data.partition 'zipf' unknown; choose one of iid, dirichlet, flwr_iid"),
         ("federation.clients_per_round=99", "exceeds federation.num_clients"),
         ("nosection.key=1", "unknown config key 'nosection'"),
+        ("model.pretrained='minilm'", "set data.params.tokenizer = 'minilm'"),  # on textgen (set below)
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
+    extra = ["data.dataset='textgen'", "model.family='bert'"] if "pretrained" in override else []
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, extra + [override])
     msg = str(info.value)
     assert fragment in msg
     assert "\n" not in msg

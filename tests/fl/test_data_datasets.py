@@ -255,3 +255,14 @@ def test_decode_turns_token_ids_back_into_text():
     sentence = text.decode(ids)
     assert sentence and "[PAD]" not in sentence and not sentence[0].isdigit()
     assert load_federated(DataConfig(dataset="digits"), 4, 0).decode([3, 4]) == "3 4"
+
+
+def test_token_prior_is_each_positions_most_frequent_test_token():
+    fd = load_federated(DataConfig(dataset="textgen", params={"n_samples": 200}), 4, 0)
+    ids = torch.stack([fd.test[i]["input_ids"] for i in range(len(fd.test))])
+    prior = fd.token_prior()
+    assert prior.shape == (ids.shape[1],)
+    for p in (0, 3, ids.shape[1] - 1):
+        counts = torch.bincount(ids[:, p])
+        assert counts[prior[p]] == counts.max()
+    assert load_federated(DataConfig(dataset="digits"), 4, 0).token_prior() is None
