@@ -109,5 +109,4 @@ class BestOf(Attack):
         metrics["attack_seconds"] = time.perf_counter() - t0
         first = members[0][1]
         return Reconstruction(inputs=first.inputs, tokens=first.tokens, labels=first.labels, metrics=metrics,
-                              artifacts={"members": members, "member_index": index,
-                                                               "member_errors": errors})
+                              artifacts={"members": members, "member_index": index, "member_errors": errors})

@@ -40,9 +40,8 @@ def plan(cfg: Config, tracking_uri: str) -> list[str]:
         f"{fed.round_timeout:g} s",
         f"data: {cfg.data.dataset} ({cfg.data.partition}{f', alpha {cfg.data.alpha:g}' if cfg.data.partition == 'dirichlet' else ''}), "
         f"test share {cfg.data.test_fraction:g}, seed {cfg.experiment.seed}",
-        f"model: {cfg.model.family}{'' if cfg.model.pretrained else '-' + cfg.model.size}, "
-        f"attention {cfg.model.attention}, adapter {cfg.model.adapter}"
-        + (f", from {cfg.model.pretrained}" if cfg.model.pretrained else ", random init")
+        f"model: {cfg.model.label()}, attention {cfg.model.attention}, adapter {cfg.model.adapter}"
+        + ("" if cfg.model.pretrained else ", random init")
         + (f", params {cfg.model.params}" if cfg.model.params else ""),
         f"optimizer: {cfg.optimizer.name} lr {cfg.optimizer.lr:g}"
         + (f" (base {cfg.optimizer.base})" if cfg.optimizer.name not in ("sgd", "adam", "adamw") else ""),
