@@ -5,19 +5,21 @@ An audit has three parts, kept apart as attacks and their ground truth are:
 * **client side** (:meth:`Audit.client_setup`, inside the canary clients' training round):
   plants canaries, decides from the client's private randomness which are included;
   client-level audits instead add whole canary *clients* to the aggregation
-  (:meth:`Audit.server_canaries`, called by the central-DP defense before its noise);
+  (:meth:`Audit.server_canaries`, called by the central-DP defense before its noise) or release
+  canary clients' updates through the clients' own defense (``update_canaries``, for update noise);
 * **server side** (:meth:`Audit.observe`, :meth:`Audit.observe_global`, :meth:`Audit.scores`): a
   test statistic per canary from what the adversary sees (the canary clients' updates for
   record-level DP, the global models for central DP); it gets nothing else;
 * **out of band** (:meth:`Audit.included`, :meth:`Audit.result`): the auditor who planted the
   canaries knows which were included (it holds the clients' secret, see
-  :mod:`defenses.randomness`) and turns the server's guesses into the one-run lower bound
+  :mod:`defenses.randomness`) and turns the server's guesses into the one-run lower bounds
   (:mod:`defenses.audit_bound`). The inclusion bits are never in a Flower message.
 
 ``[audit]`` in the config names a registered audit (``fedprobe list``), its ``params``, the
 partitions that carry canaries (``clients``) and the ``confidence`` of the bound. The run logs
 ``audit_epsilon_lower`` beside ``epsilon`` every round (the bound over every round so far) and at
-the end, with ``audit_canaries``, ``audit_guesses`` and ``audit_correct``.
+the end, with ``audit_canaries``, ``audit_guesses`` and ``audit_correct``, and the f-DP bound
+``audit_epsilon_lower_gdp`` with ``audit_gdp_guesses`` and ``audit_gdp_correct``.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ class Audit:
         raise NotImplementedError
 
     def result(self) -> dict[str, float]:
-        """The lower bound from every canary scored so far (``epsilon_lower``, ``canaries``, ...)."""
-        from defenses.audit_bound import best_guess_bound
+        """The lower bounds from every canary scored so far: Steinke et al.'s (``epsilon_lower``, ``canaries``,
+        ``guesses``, ``correct``) and the f-DP one under the Gaussian hypothesis (``epsilon_lower_gdp``, ...)."""
+        from defenses.audit_bound import best_guess_bound, gdp_guess_bound
         import numpy as np
 
         scores = self.scores()
@@ -90,4 +93,4 @@ class Audit:
             return {}
         s = np.concatenate([np.asarray(scores[p], dtype=float) for p in sorted(scores)])
         b = np.concatenate([np.asarray(self.included(p), dtype=bool) for p in sorted(scores)])
-        return best_guess_bound(s, b, self.delta, self.confidence)
+        return {**best_guess_bound(s, b, self.delta, self.confidence), **gdp_guess_bound(s, b, self.delta, self.confidence)}

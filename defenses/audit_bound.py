@@ -1,4 +1,4 @@
-"""The one-run epsilon lower bound of Steinke, Nasr and Jagielski (NeurIPS 2023).
+"""One-run epsilon lower bounds: Steinke, Nasr and Jagielski (NeurIPS 2023), and its f-DP refinement.
 
 Setting: m canaries, each included independently with probability 1/2; after the run the
 auditor guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are
@@ -16,6 +16,17 @@ without a training framework: jax_privacy's needs JAX, privacy-meter its own tra
 Choosing the number of guesses after seeing the scores is a multiple test: :func:`best_guess_bound`
 tries a fixed grid of guess counts and splits beta over it (Bonferroni), so the reported bound keeps
 its stated confidence.
+
+:func:`gdp_guess_bound` is the f-DP one-run audit of Mahloujifar, Melis and Chaudhuri ("Auditing
+f-Differential Privacy in One Run", ICML 2025), computed by Google DeepMind's ``jax_privacy.auditing``
+(``CanaryScoreAuditor.epsilon_one_run_fdp``, its "audit_rh_with_cap" recursion). It tests a stronger
+hypothesis than (eps, delta)-DP: that the run is as private as the *Gaussian* mechanism whose privacy
+curve passes through (eps, delta). It reports the largest such eps the guesses reject. That is the
+hypothesis the accountants' epsilon stands for when DP-SGD releases every step at sample rate 1 (a
+composition of Gaussian mechanisms is exactly Gaussian), so there the two numbers are directly
+comparable and the f-DP bound is much tighter. For a Poisson-subsampled run the curve is not Gaussian
+and the f-DP number is an estimate under that hypothesis, not a bound on the run's (eps, delta).
+jax_privacy supports one-sided guesses only ("in" for the k highest scores), so that is what it is given.
 """
 
 from __future__ import annotations
@@ -86,4 +97,38 @@ def best_guess_bound(scores: Sequence[float], included: Sequence[bool], delta: f
         eps = epsilon_lower_bound(m, 2 * k, v, delta, beta)
         if eps > best["epsilon_lower"]:
             best.update(epsilon_lower=eps, guesses=float(2 * k), correct=float(v))
+    return best
+
+
+def gdp_guess_bound(scores: Sequence[float], included: Sequence[bool], delta: float, confidence: float = 0.95,
+                    fractions: Sequence[float] = GUESS_FRACTIONS) -> dict[str, float]:
+    """The f-DP (Gaussian trade-off) one-run bound: "in" for the k highest scores, k over the fixed grid.
+
+    Returns ``epsilon_lower_gdp``, ``gdp_guesses`` and ``gdp_correct`` of the best k. The grid is the same as
+    :func:`best_guess_bound`'s (k = fraction * m) and the bound is Bonferroni-corrected over it.
+    """
+    s = np.asarray(scores, dtype=float)
+    b = np.asarray(included, dtype=bool)
+    m = len(s)
+    if m != len(b):
+        raise ValueError(f"{m} scores for {len(b)} canaries")
+    best = {"epsilon_lower_gdp": 0.0, "gdp_guesses": 0.0, "gdp_correct": 0.0}
+    ks = sorted({max(1, int(f * m)) for f in fractions if max(1, int(f * m)) < m})
+    if not ks or b.all() or not b.any():  # the auditor needs both included and excluded canaries
+        return best
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the auditing module needs JAX importable, not a device
+    from jax_privacy.auditing import CanaryScoreAuditor, Explicit
+
+    auditor = CanaryScoreAuditor(s[b], s[~b])
+    ranked = np.sort(s)[::-1]
+    beta = (1 - confidence) / len(ks)
+    for k in ks:
+        threshold = float(ranked[k - 1])  # ties at the threshold are guessed "in" too
+        guesses = int((s >= threshold).sum())
+        correct = int(b[s >= threshold].sum())
+        eps = float(auditor.epsilon_one_run_fdp(beta, delta, threshold_strategy=Explicit(threshold)))
+        if eps > best["epsilon_lower_gdp"]:
+            best.update(epsilon_lower_gdp=eps, gdp_guesses=float(guesses), gdp_correct=float(correct))
     return best

@@ -15,8 +15,8 @@ the model. fedprobe's server is exactly their adversary (it sees each client's u
 * **server**: the statistic of canary i is the drop of its coordinate over every round,
   sum_r -(received_r - sent_r)[j_i] (a sampled canary moves it by -lr C / B under SGD); the
   server knows the coordinates and nothing else.
-* **out of band**: the one-run bound of Steinke et al. (2023) from the inclusion bits
-  (:mod:`defenses.audit_bound`).
+* **out of band**: the one-run bound of Steinke et al. (2023) and the f-DP one of Mahloujifar et al. (2025)
+  from the inclusion bits (:mod:`defenses.audit_bound`).
 
 What the audit assumes: the canaries are records of the client that DP-SGD protects like any
 other; the real data's gradients on the canary coordinates act as extra noise (they loosen the
@@ -34,7 +34,7 @@ the clipped sum before the central noise, at the fixed denominator m = clients_p
 estimator, sensitivity C / m per client, exactly what the accountant assumes). The adversary is an
 observer of the global models: the statistic is sum_r <u_i, theta_r - theta_{r-1}> (in units of one
 canary's contribution). Andrew et al. estimate epsilon from the cosine distributions; fedprobe turns
-the same statistic into the one-run *bound* of Steinke et al., which holds at its confidence.
+the same statistic into the one-run *bounds* of :mod:`defenses.audit_bound`, which hold at their confidence.
 """
 
 from __future__ import annotations
@@ -169,8 +169,24 @@ class GradientCanaries(Audit):
         self._scores = {int(p): np.asarray(s, dtype=float) for p, s in saved.items()}
 
 
+class _CanaryClientAudit(Audit):
+    """Client-level audits: one score per canary client, under the pseudo-partition -1."""
+
+    _scores: np.ndarray
+
+    def scores(self) -> dict[int, np.ndarray]:
+        return {-1: self._scores.copy()} if self._scores.any() else {}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"-1": self._scores.tolist()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        if "-1" in saved:
+            self._scores = np.asarray(saved["-1"], dtype=float)
+
+
 @AUDITS.register("canary_clients")
-class CanaryClients(Audit):
+class CanaryClients(_CanaryClientAudit):
     """Random-direction canary clients in central DP (Andrew et al. 2024); one-run client-level lower bound."""
 
     def __init__(self, canaries: int = 200, magnitude: float = 1.0) -> None:
@@ -221,12 +237,77 @@ class CanaryClients(Audit):
         proj = sum(d @ (after[n] - before[n]).reshape(-1).float() for n, d in dirs.items())  # [m]: <u_i, delta>
         self._scores += proj.numpy() * self.per_round / self.clip  # in units of one canary's contribution
 
-    def scores(self) -> dict[int, np.ndarray]:
-        return {-1: self._scores.copy()} if self._scores.any() else {}
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        return {"-1": self._scores.tolist()}
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        if "-1" in saved:
-            self._scores = np.asarray(saved["-1"], dtype=float)
+CANARY_CLIENT_ID0 = 1 << 30  # partition ids of simulated canary clients: far from any real partition
+
+
+@AUDITS.register("update_canaries")
+class UpdateCanaries(_CanaryClientAudit):
+    """Canary clients released through ``update_noise`` (client-level, local to each client); one-run bounds.
+
+    ``update_noise`` protects a whole client update: each client clips its update to C and adds its own noise,
+    and the server sees every client's release. Canary client i (m of them, each its own client) has the update
+    C * e_{j_i} when it is "in" and, when "out", the update its neighbour would send: -C * e_{j_i} under the
+    defense's ``replace`` adjacency (updates 2C apart, its accounted sensitivity) or nothing under
+    ``add_remove``. Every round each canary client's update goes through the configured ``update_noise`` itself
+    (its clipping and its noise, drawn from the canary client's private randomness) and the server scores what
+    comes out: sum_r release_r[j_i] / C. A Dirac direction e_{j_i} (coordinate j_i public, from the experiment
+    seed) is a random direction of the parameter basis: under isotropic Gaussian noise the statistic is
+    distributed as Andrew et al.'s projection on a random unit direction, and under Laplace noise an L1 clip
+    keeps all of its norm. The canary clients take part in every round (sample rate 1), as the accountant
+    assumes of a client that is sampled every round, so their epsilon is that of a real client sampled every
+    round; their releases are scored, not aggregated.
+    """
+
+    def __init__(self, canaries: int = 1000, magnitude: float = 1.0) -> None:
+        _check_design("update_canaries", canaries, magnitude, 1000, "clip_norm")
+        self.m = canaries
+        self.magnitude = float(magnitude)
+        self._scores = np.zeros(canaries)
+
+    def bind(self, **facts: Any) -> None:
+        super().bind(**facts)
+        from defenses.update import UpdateNoise
+
+        params = _defense_params(self.defenses, "update_noise")
+        if params is None:
+            raise ValueError("update_canaries audits update noise: add a [[defenses]] entry with name = \"update_noise\"")
+        self.defense = UpdateNoise(**params)
+        if self.defense.clip_norm <= 0:
+            raise ValueError("update_canaries needs update_noise clip_norm > 0 (without clipping there is no "
+                             "sensitivity to audit)")
+        self.clients = [-1]  # the canaries are clients of their own; no real partition carries them
+
+    def included(self, partition_id: int = -1) -> np.ndarray:
+        if not has_stable_secret():
+            raise RuntimeError("update_canaries needs the secret fixed for the run (FEDPROBE_CLIENT_SECRET; fedprobe "
+                               "run sets one)")
+        return (torch.rand(self.m, generator=private_generator("audit-update-canaries")) < 0.5).numpy()
+
+    def coordinates(self, total: int) -> np.ndarray:
+        """Flat index j_i of every canary's direction (public, from the experiment seed)."""
+        return np.random.default_rng([self.seed, 0xC1E]).integers(0, total, size=self.m)
+
+    def _release(self, i: int, signal: float, server_round: int, shapes: dict[str, tuple[int, ...]],
+                 where: tuple[str, int]) -> float:
+        """Canary client i's update (signal * C on its coordinate) through update_noise; its coordinate after."""
+        update = {n: torch.zeros(s) for n, s in shapes.items()}
+        update[where[0]].view(-1)[where[1]] = signal * self.defense.clip_norm * self.magnitude
+        out = self.defense.release(update, server_round, CANARY_CLIENT_ID0 + i)  # the configured clip and noise
+        return float(out[where[0]].view(-1)[where[1]])
+
+    def observe_global(self, server_round: int, before: dict[str, torch.Tensor],
+                       after: dict[str, torch.Tensor]) -> None:
+        names = sorted(before)
+        shapes = {n: tuple(before[n].shape) for n in names}
+        starts = np.cumsum([0] + [before[n].numel() for n in names])
+        flat = self.coordinates(int(starts[-1]))
+        where = np.searchsorted(starts, flat, side="right") - 1
+        out_signal = -1.0 if self.defense.adjacency == "replace" else 0.0
+        inc = self.included()
+        for i in range(self.m):
+            pos = (names[where[i]], int(flat[i] - starts[where[i]]))
+            released = self._release(i, 1.0 if inc[i] else out_signal, server_round, shapes, pos)
+            self._scores[i] += released / (self.defense.clip_norm * self.magnitude)  # the server's statistic
+

@@ -130,16 +130,20 @@ class UpdateNoise(Defense):
             out[k] = (n * self.scale).to(device=v.device, dtype=v.dtype)
         return out
 
-    def transform_update(self, update: dict[str, torch.Tensor], ctx: ClientContext) -> dict[str, torch.Tensor]:
-        norm = global_norm(update, 2.0)
+    def release(self, update: dict[str, torch.Tensor], server_round: int, partition_id: int) -> dict[str, torch.Tensor]:
+        """The mechanism itself: clip, then add the client's noise (no accounting; audits call it too)."""
         if self.clip_norm > 0:
             update, _ = clip_update(update, self.clip_norm, p=2.0 if self.mechanism == "gaussian" else 1.0)
         if self.seed is not None:  # reproducible from the config: the server can replay it
-            gen = seeded_generator(self.seed, ctx.server_round, ctx.partition_id)
+            gen = seeded_generator(self.seed, server_round, partition_id)
         else:
-            gen = private_generator("update_noise", ctx.server_round, ctx.partition_id)
+            gen = private_generator("update_noise", server_round, partition_id)
         noise = self.noise_like(update, gen)
-        out = {k: update[k] + noise[k] for k in update}
+        return {k: update[k] + noise[k] for k in update}
+
+    def transform_update(self, update: dict[str, torch.Tensor], ctx: ClientContext) -> dict[str, torch.Tensor]:
+        norm = global_norm(update, 2.0)
+        out = self.release(update, ctx.server_round, ctx.partition_id)
         ctx.metrics.update({"update_norm": norm, "update_noise_std": self.scale * (math.sqrt(2) if self.mechanism == "laplace" else 1.0),
                             "update_noise_formal": float(self.formal), "update_noise_secret": float(self.seed is None),
                             "epsilon": self._account(ctx)})

@@ -275,6 +275,11 @@ def _plot_bounds(row_axes: Any, rows: list[dict[str, Any]], eps_inf: float) -> N
     ax.vlines(xs, [max(p[1], 1e-3) for p in pts], xs, color="grey", lw=1, alpha=0.6)
     ax.plot(xs, xs, "v", color="C3", label="accountant ε (upper bound)")
     ax.plot(xs, [max(p[1], 1e-3) for p in pts], "^", color="C2", label="audit ε (one-run lower bound, 95 %)")
+    gdp = [(upper(r), r["audit_epsilon_lower_gdp"]) for r in rows
+           if "audit_epsilon_lower_gdp" in r and ("epsilon" in r or "central_epsilon" in r)]
+    if gdp:
+        ax.plot([p[0] for p in gdp], [max(p[1], 1e-3) for p in gdp], "2", color="C4", ms=11,
+                label="audit ε, f-DP bound (Gaussian hypothesis, 95 %)")
     lim = (min(min(xs), min(max(p[1], 1e-3) for p in pts)) / 2, eps_inf * 1.5)
     ax.plot(lim, lim, ls=":", color="grey", lw=0.8)
     ax.set_xscale("log")
@@ -288,7 +293,8 @@ def _plot_bounds(row_axes: Any, rows: list[dict[str, Any]], eps_inf: float) -> N
 HEADERS = {  # column -> (header, unit or meaning)
     "accuracy": ("accuracy", "share"), "perplexity": ("perplexity", ""), "test_loss": ("test loss", ""),
     "epsilon": ("ε", "record-level, max over clients"), "epsilon_mean": ("ε mean", "over clients"),
-    "audit_epsilon_lower": ("ε audit", "lower bound"), "central_epsilon": ("ε central", "client-level"),
+    "audit_epsilon_lower": ("ε audit", "lower bound"),
+    "audit_epsilon_lower_gdp": ("ε audit f-DP", "lower bound if Gaussian"), "central_epsilon": ("ε central", "client-level"),
     "attack_recovered_fraction": ("images recovered", "share ≥ PSNR threshold"),
     "attack_recovered_baseline": ("guess recovers", "data-free"),
     "attack_psnr_median": ("PSNR median", "dB"), "attack_token_accuracy": ("tokens recovered", "share"),
@@ -378,7 +384,7 @@ def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") 
     out = Path(out_dir or Path("fedprobe-output") / "reports" / safe_filename(name, "report"))
     out.mkdir(parents=True, exist_ok=True)
     metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "audit_epsilon_lower",
-                               "central_epsilon", "attack_recovered_fraction", "attack_recovered_baseline",
+                               "audit_epsilon_lower_gdp", "central_epsilon", "attack_recovered_fraction", "attack_recovered_baseline",
                                "attack_psnr_median", "attack_token_accuracy", "attack_label_accuracy",
                                "attack_label_baseline") if any(c in r for r in rows)]
     for r in rows:

@@ -58,7 +58,8 @@ def test_a_spent_budget_stops_clients_and_the_run(tmp_path, monkeypatch):
     assert again["final"]["test_loss"] == summary["final"]["test_loss"]
 
 
-def test_the_audit_experiment_reports_a_lower_bound_below_the_accountant(tmp_path, monkeypatch, repo_root):
+def _cli_final(tmp_path, monkeypatch, config):
+    """`fedprobe run CONFIG` as a user types it (fresh secret, own store); its summary's final metrics."""
     import json
 
     from fl.cli import main
@@ -66,9 +67,24 @@ def test_the_audit_experiment_reports_a_lower_bound_below_the_accountant(tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(SECRET_ENV, raising=False)
     out = tmp_path / "s.json"
-    assert main(["run", str(repo_root / "experiments/audit_dp_sgd.toml"), "--tracking-uri",
-                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--summary-json", str(out), "--no-progress"]) == 0
-    final = json.loads(out.read_text())["final"]
-    assert final["audit_canaries"] == 1000 and final["audit_guesses"] > 0
-    assert 0.5 < final["audit_epsilon_lower"] <= final["epsilon"]  # sigma 1.2, 4 full-batch steps: eps 8.6
-    assert final["audit_correct"] <= final["audit_guesses"]
+    assert main(["run", str(config), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--summary-json",
+                 str(out), "--no-progress"]) == 0
+    return json.loads(out.read_text())["final"]
+
+
+def test_the_audit_experiment_reports_a_lower_bound_below_the_accountant(tmp_path, monkeypatch, repo_root):
+    final = _cli_final(tmp_path, monkeypatch, repo_root / "experiments/audit_dp_sgd.toml")
+    assert final["audit_canaries"] == 50000 and final["audit_guesses"] > 0
+    # sigma 1.6, 4 full-batch steps: PLD eps 5.7; both bounds below it, the f-DP one the tighter
+    assert 0.5 < final["audit_epsilon_lower"] < final["audit_epsilon_lower_gdp"] <= final["epsilon"]
+    assert final["audit_correct"] <= final["audit_guesses"] and final["audit_gdp_correct"] <= final["audit_gdp_guesses"]
+
+
+@pytest.mark.slow  # ~60 s: 10 000 canary clients' releases every round (the unit tests in tests/defenses cover the maths)
+def test_the_update_noise_audit_scores_canary_clients_below_the_accountant(tmp_path, monkeypatch, repo_root):
+    """Client-level audit of update_noise end to end: 10 000 canary clients released through the configured
+    defense every round; both bounds below the clients' (PLD) epsilon and well above 0 at sigma 4."""
+    final = _cli_final(tmp_path, monkeypatch, repo_root / "experiments/audit_update_noise.toml")
+    assert final["audit_canaries"] == 10000
+    assert 0.8 < final["audit_epsilon_lower"] <= final["epsilon"]  # sigma 4, replace, 3 rounds: PLD eps 3.7
+    assert 0.8 < final["audit_epsilon_lower_gdp"] <= final["epsilon"]
