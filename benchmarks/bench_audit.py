@@ -77,7 +77,8 @@ def main() -> None:
             rows.append({"sigma": sigma, "secret": i, "seconds": time.perf_counter() - t0,
                          **{k: final.get(k) for k in ("epsilon", "audit_epsilon_lower", "audit_guesses",
                                                       "audit_correct", "audit_canaries", "audit_epsilon_lower_gdp",
-                                                      "audit_gdp_guesses", "audit_gdp_correct", "accuracy")}})
+                                                      "audit_gdp_guesses", "audit_gdp_correct", "audit_epsilon_estimate",
+                                                      "accuracy")}})
             print(json.dumps(rows[-1]), flush=True)
     rounds = base["federation"]["rounds"]
     audited = next(x for x in base["defenses"] if x["name"] in AUDITED)
@@ -89,8 +90,9 @@ def main() -> None:
     accountant = audited["params"].get("accountant", "rdp")
     lines = [f"| sigma | accountant eps ({accountant}, as reported) | accountant eps (PLD) | Steinke et al. bound: median "
              "[min, max] over secrets | correct / guesses | f-DP (Gaussian) bound: median [min, max] | correct / "
-             "guesses | idealised ceilings (pure Gaussian, same m): Steinke, f-DP | Steinke / PLD | f-DP / PLD |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "guesses | idealised ceilings (pure Gaussian, same m): Steinke, f-DP | Steinke / PLD | f-DP / PLD | "
+             "Gaussian-fit estimate (not a bound): median |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for sigma in args.noise:
         rs = [r for r in rows if r["sigma"] == sigma]
         cells = []
@@ -104,7 +106,8 @@ def main() -> None:
         ceil_s, ceil_g = ideal_ceiling(sigma / per_unit, rounds, m, delta)
         ratios = [f"{c[0] / pld:.2f}" if np.isfinite(pld) else "-" for c in cells]
         lines.append(f"| {sigma:g} | {rs[0]['epsilon']:.3g} | {pld:.3g} | {cells[0][1]} | {cells[0][2]} | {cells[1][1]} "
-                     f"| {cells[1][2]} | {ceil_s:.2f}, {ceil_g:.2f} | {ratios[0]} | {ratios[1]} |")
+                     f"| {cells[1][2]} | {ceil_s:.2f}, {ceil_g:.2f} | {ratios[0]} | {ratios[1]} | "
+                     f"{statistics.median(r['audit_epsilon_estimate'] for r in rs):.3g} |")
     table = "\n".join(lines)
     print(table)
     if args.json:

@@ -19,7 +19,8 @@ An audit has three parts, kept apart as attacks and their ground truth are:
 partitions that carry canaries (``clients``) and the ``confidence`` of the bound. The run logs
 ``audit_epsilon_lower`` beside ``epsilon`` every round (the bound over every round so far) and at
 the end, with ``audit_canaries``, ``audit_guesses`` and ``audit_correct``, and the f-DP bound
-``audit_epsilon_lower_gdp`` with ``audit_gdp_guesses`` and ``audit_gdp_correct``.
+``audit_epsilon_lower_gdp`` with ``audit_gdp_guesses`` and ``audit_gdp_correct``, and the Gaussian-fit
+estimate ``audit_epsilon_estimate`` (Andrew et al.'s kind: no confidence, not a bound).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Audit:
 
     def result(self) -> dict[str, float]:
         """The lower bounds from every canary scored so far: Steinke et al.'s (``epsilon_lower``, ``canaries``,
-        ``guesses``, ``correct``) and the f-DP one under the Gaussian hypothesis (``epsilon_lower_gdp``, ...)."""
-        from defenses.audit_bound import best_guess_bound, gdp_guess_bound
+        ``guesses``, ``correct``), the f-DP one under the Gaussian hypothesis (``epsilon_lower_gdp``, ...), and the
+        Gaussian-fit estimate (``epsilon_estimate``, not a bound)."""
+        from defenses.audit_bound import best_guess_bound, gaussian_fit_estimate, gdp_guess_bound
         import numpy as np
 
         scores = self.scores()
@@ -93,4 +95,5 @@ class Audit:
             return {}
         s = np.concatenate([np.asarray(scores[p], dtype=float) for p in sorted(scores)])
         b = np.concatenate([np.asarray(self.included(p), dtype=bool) for p in sorted(scores)])
-        return {**best_guess_bound(s, b, self.delta, self.confidence), **gdp_guess_bound(s, b, self.delta, self.confidence)}
+        return {**best_guess_bound(s, b, self.delta, self.confidence), **gdp_guess_bound(s, b, self.delta, self.confidence),
+                **gaussian_fit_estimate(s, b, self.delta)}

@@ -27,6 +27,12 @@ composition of Gaussian mechanisms is exactly Gaussian), so there the two number
 comparable and the f-DP bound is much tighter. For a Poisson-subsampled run the curve is not Gaussian
 and the f-DP number is an estimate under that hypothesis, not a bound on the run's (eps, delta).
 jax_privacy supports one-sided guesses only ("in" for the k highest scores), so that is what it is given.
+
+:func:`gaussian_fit_estimate` is the one-shot *estimate* in the style of Andrew et al. ("One-shot Empirical
+Privacy Estimation for Federated Learning", ICLR 2024): a Gaussian fitted to the included and to the excluded
+canaries' statistics, and the epsilon at delta of the Gaussian mechanism that separates them as much
+(mu = |mean_in - mean_out| / pooled std). It has no confidence level and may land on either side of the truth;
+it is reported beside the bounds, never as one.
 """
 
 from __future__ import annotations
@@ -132,3 +138,22 @@ def gdp_guess_bound(scores: Sequence[float], included: Sequence[bool], delta: fl
         if eps > best["epsilon_lower_gdp"]:
             best.update(epsilon_lower_gdp=eps, gdp_guesses=float(guesses), gdp_correct=float(correct))
     return best
+
+
+def gaussian_fit_estimate(scores: Sequence[float], included: Sequence[bool], delta: float) -> dict[str, float]:
+    """``epsilon_estimate`` (and its ``mu_estimate``) from Gaussians fitted to the in and out statistics."""
+    from defenses.accounting import epsilon
+
+    s = np.asarray(scores, dtype=float)
+    b = np.asarray(included, dtype=bool)
+    if len(s) != len(b):
+        raise ValueError(f"{len(s)} scores for {len(b)} canaries")
+    if b.sum() < 2 or (~b).sum() < 2:  # a variance needs two of each
+        return {}
+    pooled = math.sqrt((s[b].var(ddof=1) * (b.sum() - 1) + s[~b].var(ddof=1) * ((~b).sum() - 1)) / (len(s) - 2))
+    gap = abs(float(s[b].mean() - s[~b].mean()))
+    mu = gap / pooled if pooled > 0 else (math.inf if gap > 0 else 0.0)
+    if mu == 0:
+        return {"epsilon_estimate": 0.0, "mu_estimate": 0.0}
+    eps = math.inf if not math.isfinite(mu) or mu > 50 else epsilon(1.0 / mu, 1.0, 1, delta, "pld")
+    return {"epsilon_estimate": float(eps), "mu_estimate": float(mu)}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from defenses.accounting import epsilon
-from defenses.audit_bound import best_guess_bound, epsilon_lower_bound, gdp_guess_bound, p_value
+from defenses.audit_bound import (best_guess_bound, epsilon_lower_bound, gaussian_fit_estimate, gdp_guess_bound,
+                                  p_value)
 from defenses.base import Defense
 from defenses.canaries import GradientCanaries
 from defenses.dp_sgd import DPSGD
@@ -84,6 +85,25 @@ def test_gdp_bound_no_signal_is_zero_and_perfect_guesses_are_large():
     assert perfect["epsilon_lower_gdp"] > best_guess_bound(b * 1.0, b, 1e-5)["epsilon_lower"] > 3
     assert perfect["gdp_correct"] == perfect["gdp_guesses"] > 0
     assert gdp_guess_bound(np.ones(10), np.ones(10, bool), 1e-5)["epsilon_lower_gdp"] == 0.0  # nothing to tell apart
+
+
+def test_gaussian_fit_estimate_recovers_the_mechanism_and_is_no_bound():
+    """Andrew et al.'s kind of estimate: on simulated mu-GDP canaries it lands near the true epsilon (either side)."""
+    sigma, rounds, m, delta = 2.4, 4, 5000, 1e-5
+    true_eps = epsilon(sigma, 1.0, rounds, delta, "pld")
+    ests = []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        b = rng.random(m) < 0.5
+        r = gaussian_fit_estimate(b * rounds + rng.normal(0, sigma * np.sqrt(rounds), m), b, delta)
+        assert r["mu_estimate"] == pytest.approx(2 / sigma, rel=0.1)
+        ests.append(r["epsilon_estimate"])
+    assert all(abs(e / true_eps - 1) < 0.1 for e in ests)
+    rng = np.random.default_rng(0)
+    b = rng.random(m) < 0.5
+    assert gaussian_fit_estimate(rng.normal(size=m), b, delta)["epsilon_estimate"] < 0.3
+    assert gaussian_fit_estimate(b * 1.0, b, delta)["epsilon_estimate"] == math.inf  # separated without noise
+    assert gaussian_fit_estimate([1.0, 2.0], [True, False], delta) == {}  # no variance to fit
 
 
 # -- gradient canaries in DP-SGD ------------------------------------------------------------------------------

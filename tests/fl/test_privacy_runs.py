@@ -78,6 +78,7 @@ def test_the_audit_experiment_reports_a_lower_bound_below_the_accountant(tmp_pat
     # sigma 1.6, 4 full-batch steps: PLD eps 5.7; both bounds below it, the f-DP one the tighter
     assert 0.5 < final["audit_epsilon_lower"] < final["audit_epsilon_lower_gdp"] <= final["epsilon"]
     assert final["audit_correct"] <= final["audit_guesses"] and final["audit_gdp_correct"] <= final["audit_gdp_guesses"]
+    assert final["audit_epsilon_lower_gdp"] < final["audit_epsilon_estimate"]  # the Gaussian fit: an estimate
 
 
 @pytest.mark.slow  # ~60 s: 10 000 canary clients' releases every round (the unit tests in tests/defenses cover the maths)
