@@ -10,8 +10,9 @@ its (eps, delta) form with abstentions bounds the chance of v or more correct gu
 
 (the expression of their Appendix D). The lower bound at confidence 1 - beta is the largest eps
 whose p-value is still below beta: observing v correct guesses would be less likely than beta
-under any smaller eps. Written here from the paper's formula (no maintained library ships it
-without a training framework: jax_privacy's needs JAX, privacy-meter its own trainer).
+under any smaller eps. Written here from the paper's formula because jax_privacy's version
+(``CanaryScoreAuditor.epsilon_one_run``) takes one-sided guesses only, and this one takes the paper's
+"in" and "out" guesses; on one-sided guesses the two agree (``tests/defenses/test_audit.py``).
 
 Choosing the number of guesses after seeing the scores is a multiple test: :func:`best_guess_bound`
 tries a fixed grid of guess counts and splits beta over it (Bonferroni), so the reported bound keeps

@@ -38,6 +38,23 @@ def test_p_value_properties():
     assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0
 
 
+def test_steinke_bound_agrees_with_jax_privacy_on_one_sided_guesses():
+    """Our hand-written bound against Google DeepMind's (jax_privacy.auditing.CanaryScoreAuditor.epsilon_one_run)
+    on the same k "in" guesses: the same p-value, hence the same epsilon."""
+    from jax_privacy.auditing import CanaryScoreAuditor, Explicit
+
+    rng = np.random.default_rng(3)
+    m = 2000
+    b = rng.random(m) < 0.5
+    s = b * 1.5 + rng.normal(size=m)
+    auditor = CanaryScoreAuditor(s[b], s[~b])
+    for k in (20, 100, 400):
+        t = float(np.sort(s)[::-1][k - 1])
+        v = int(b[s >= t].sum())
+        theirs = auditor.epsilon_one_run(0.05, 1e-5, threshold_strategy=Explicit(t))
+        assert epsilon_lower_bound(m, k, v, 1e-5, 0.05) == pytest.approx(theirs, abs=1e-4)
+
+
 def test_bound_holds_at_its_confidence_on_the_gaussian_mechanism():
     """Simulated white-box canaries under the Gaussian mechanism of known epsilon, 200 seeds:
     the bound exceeds the true (PLD) epsilon in at most ~5 % of them (binomial slack)."""
