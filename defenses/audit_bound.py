@@ -133,8 +133,8 @@ def gdp_guess_bound(scores: Sequence[float], included: Sequence[bool], delta: fl
     beta = (1 - confidence) / len(ks)
     for k in ks:
         threshold = float(ranked[k - 1])  # ties at the threshold are guessed "in" too
-        guesses = int((s >= threshold).sum())
-        correct = int(b[s >= threshold].sum())
+        guessed = s >= threshold
+        guesses, correct = int(guessed.sum()), int(b[guessed].sum())
         eps = float(auditor.epsilon_one_run_fdp(beta, delta, threshold_strategy=Explicit(threshold)))
         if eps > best["epsilon_lower_gdp"]:
             best.update(epsilon_lower_gdp=eps, gdp_guesses=float(guesses), gdp_correct=float(correct))

@@ -58,6 +58,14 @@ def _defense_params(defenses: list[Any], wanted: str) -> dict[str, Any] | None:
     return None
 
 
+def _named_coordinates(flat: np.ndarray, sizes: dict[str, int]) -> list[tuple[str, int]]:
+    """(parameter name, index within it) of each flat index into the parameters taken in sorted-name order."""
+    names = sorted(sizes)
+    starts = np.cumsum([0] + [sizes[n] for n in names])
+    where = np.searchsorted(starts, flat, side="right") - 1
+    return [(names[w], int(f - starts[w])) for w, f in zip(where, flat)]
+
+
 def _check_design(audit: str, canaries: Any, magnitude: Any, example: int, of: str) -> None:
     if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
         raise ValueError(f"{audit} canaries must be an integer >= 2 (e.g. {example}), got {canaries!r}")
@@ -97,9 +105,7 @@ class GradientCanaries(Audit):
             raise ValueError(f"gradient_canaries: {self.m} canaries need as many trainable coordinates, "
                              f"the model has {total}")
         flat = np.random.default_rng([self.seed, 0xA0D1]).choice(total, size=self.m, replace=False)
-        starts = np.cumsum([0] + [sizes[n] for n in names])
-        where = np.searchsorted(starts, flat, side="right") - 1
-        return [(names[w], int(f - starts[w])) for w, f in zip(where, flat)]
+        return _named_coordinates(flat, sizes)
 
     # out of band: the auditor's ground truth -------------------------------------------
     def included(self, partition_id: int) -> np.ndarray:
@@ -299,15 +305,12 @@ class UpdateCanaries(_CanaryClientAudit):
 
     def observe_global(self, server_round: int, before: dict[str, torch.Tensor],
                        after: dict[str, torch.Tensor]) -> None:
-        names = sorted(before)
-        shapes = {n: tuple(before[n].shape) for n in names}
-        starts = np.cumsum([0] + [before[n].numel() for n in names])
-        flat = self.coordinates(int(starts[-1]))
-        where = np.searchsorted(starts, flat, side="right") - 1
+        shapes = {n: tuple(v.shape) for n, v in before.items()}
+        sizes = {n: v.numel() for n, v in before.items()}
+        coords = _named_coordinates(self.coordinates(sum(sizes.values())), sizes)
         out_signal = -1.0 if self.defense.adjacency == "replace" else 0.0
         inc = self.included()
-        for i in range(self.m):
-            pos = (names[where[i]], int(flat[i] - starts[where[i]]))
+        for i, pos in enumerate(coords):
             released = self._release(i, 1.0 if inc[i] else out_signal, server_round, shapes, pos)
             self._scores[i] += released / (self.defense.clip_norm * self.magnitude)  # the server's statistic
 

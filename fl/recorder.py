@@ -39,7 +39,7 @@ class RunOptions:
 
 def _tags(cfg: Config) -> dict[str, str]:
     return {
-        "fedprobe.dataset": cfg.data.dataset, "fedprobe.model": f"{cfg.model.label()}",
+        "fedprobe.dataset": cfg.data.dataset, "fedprobe.model": cfg.model.label(),
         "attack": cfg.attack.name, "defense": "+".join(d.name for d in cfg.defenses) or "none",
         "optimizer": cfg.optimizer.name, "attention": cfg.model.attention, "adapter": cfg.model.adapter,
         "fedprobe.config_digest": cfg.digest(),

@@ -295,7 +295,8 @@ HEADERS = {  # column -> (header, unit or meaning)
     "epsilon": ("ε", "record-level, max over clients"), "epsilon_mean": ("ε mean", "over clients"),
     "audit_epsilon_lower": ("ε audit", "lower bound"),
     "audit_epsilon_lower_gdp": ("ε audit f-DP", "lower bound if Gaussian"),
-    "audit_epsilon_estimate": ("ε audit estimate", "Gaussian fit, no bound"), "central_epsilon": ("ε central", "client-level"),
+    "audit_epsilon_estimate": ("ε audit estimate", "Gaussian fit, no bound"),
+    "central_epsilon": ("ε central", "client-level"),
     "attack_recovered_fraction": ("images recovered", "share ≥ PSNR threshold"),
     "attack_recovered_baseline": ("guess recovers", "data-free"),
     "attack_psnr_median": ("PSNR median", "dB"), "attack_token_accuracy": ("tokens recovered", "share"),
@@ -385,7 +386,8 @@ def build_report(target: str, out_dir: str | Path = "", tracking_uri: str = "") 
     out = Path(out_dir or Path("fedprobe-output") / "reports" / safe_filename(name, "report"))
     out.mkdir(parents=True, exist_ok=True)
     metric_cols = [c for c in ("accuracy", "perplexity", "test_loss", "epsilon", "audit_epsilon_lower",
-                               "audit_epsilon_lower_gdp", "audit_epsilon_estimate", "central_epsilon", "attack_recovered_fraction", "attack_recovered_baseline",
+                               "audit_epsilon_lower_gdp", "audit_epsilon_estimate", "central_epsilon",
+                               "attack_recovered_fraction", "attack_recovered_baseline",
                                "attack_psnr_median", "attack_token_accuracy", "attack_label_accuracy",
                                "attack_label_baseline") if any(c in r for r in rows)]
     for r in rows:

@@ -74,8 +74,9 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 # state: an experiment tag named mlflow.sharedViewState.<key>, loaded by ?viewStateShareKey=<key>).
 VIEW_KEY = "fedprobe"
 HEADLINE = ("final_accuracy", "final_perplexity", "final_test_loss", "final_epsilon", "final_central_epsilon",
-            "final_audit_epsilon_lower", "final_audit_epsilon_lower_gdp", "final_attack_recovered_fraction", "final_attack_psnr_median",
-            "final_attack_token_accuracy", "final_attack_label_accuracy", "final_attack_label_baseline")
+            "final_audit_epsilon_lower", "final_audit_epsilon_lower_gdp", "final_attack_recovered_fraction",
+            "final_attack_psnr_median", "final_attack_token_accuracy", "final_attack_label_accuracy",
+            "final_attack_label_baseline")
 PACKAGES = ("fedprobe", "flwr", "ray", "torch", "transformers", "opacus", "dp-accounting", "peft", "mlflow")
 
 
