@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from defenses.base import DEFENSES, ClientContext, Defense
+from fl import model_pool
 from fl.arrays import load_trainable, trainable_state
 from fl.config import Config
 from models.tasks import TaskSpec, first_layer_attention, logits_of, per_example_loss
@@ -102,7 +103,8 @@ def train_client(
 
     seed = derive_seed(cfg.experiment.seed, server_round, partition_id)
     seed_everything(seed)
-    model = build_model(cfg.model, task, seed=cfg.experiment.seed).to(device)
+    pool_key = f"{cfg.model.model_dump_json()}|{task!r}|{cfg.experiment.seed}|{device}"
+    model = model_pool.checkout(pool_key, lambda: build_model(cfg.model, task, seed=cfg.experiment.seed).to(device))
     load_trainable(model, global_state)
     model.train()
     generator = torch.Generator().manual_seed(seed)
@@ -123,6 +125,7 @@ def train_client(
     for d in defenses:
         d.setup(ctx)
         if ctx.refused:  # a spent privacy budget: no training, nothing to aggregate
+            model_pool.give_back(pool_key, model)
             return _refusal(ctx, global_state, partition_id, len(train_ds))
     audit = build_audit(cfg) if partition_id in cfg.audit.clients else None  # only canary clients plant
     if audit is not None and partition_id in audit.clients:
@@ -162,8 +165,9 @@ def train_client(
     for d in defenses:
         d.after_training(ctx)
 
-    new_state = trainable_state(model)
-    update = {k: (new_state[k].to("cpu") - global_state[k]) for k in global_state}
+    new_state = {k: v.to("cpu", copy=True) for k, v in trainable_state(model).items()}  # the pool reuses the model
+    model_pool.give_back(pool_key, model)
+    update = {k: (new_state[k] - global_state[k]) for k in global_state}
     for d in defenses:
         update = d.transform_update(update, ctx)
     sent = _apply_update(global_state, update)
