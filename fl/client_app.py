@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl import ground_truth
-from fl.arrays import from_record, to_record
+from fl.arrays import from_record, like, to_record
 from fl.config import config_from_dict
 from fl.protocol import CONFIG_KEY, REPORT_KEY, RESTORE_KEY, STATE_KEY
 from fl.training import derive_seed, train_client
@@ -68,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state[STATE_KEY] = ConfigRecord({"json": json.dumps(result.client_state)})
 
     content = RecordDict({
-        "arrays": to_record(result.state),
+        "arrays": like(msg.content["arrays"], result.state),  # the form the server chose (fl.arrays)
         "metrics": MetricRecord(result.metrics),
         "meta": ConfigRecord({**{k: v for k, v in result.meta.items()},
                               REPORT_KEY: json.dumps(result.client_state, sort_keys=True)}),

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from defenses.audit import Audit
-from fl.arrays import from_record, load_trainable, to_record, trainable_state
+from fl.arrays import from_record, load_trainable, to_flat_record, to_record, trainable_state
 from fl.protocol import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
 from fl.server_hook import ServerHook
@@ -69,14 +69,16 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
 
     status, hook = "FAILED", None
     try:
-        strategy, hook, server_defenses = _server(grid, cfg, task, data, rec, build_model)
+        strategy, base_strategy, hook, server_defenses = _server(grid, cfg, task, data, rec, build_model)
         cfg_json = cfg.to_json()
+        # one flat array per model on the wire, unless a server-side defense wraps the strategy (fl.arrays)
+        encode = to_flat_record if strategy is base_strategy else to_record
         rec.begin(lambda: evaluate_global(global_state), hook.checkpoint_state())
         bar = _progress(cfg.federation.rounds, rec.start_round - 1, options.progress)
         for rnd in range(rec.start_round, cfg.federation.rounds + 1):
             t_round = time.perf_counter()
             config = ConfigRecord({CONFIG_KEY: cfg_json})
-            messages = hook.before_send(rnd, list(strategy.configure_train(rnd, to_record(global_state), config, grid)))
+            messages = hook.before_send(rnd, list(strategy.configure_train(rnd, encode(global_state), config, grid)))
             replies = list(grid.send_and_receive(messages, timeout=cfg.federation.round_timeout))
             report = hook.inspect(rnd, global_state, messages, replies)
             for line in report.events:
@@ -88,6 +90,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
             if len(report.accepted) < cfg.federation.min_replies:
                 raise RoundFailed(f"round {rnd}: {len(report.accepted)} valid replies, fewer than "
                                   f"federation.min_replies={cfg.federation.min_replies}")
+            base_strategy.decoded = report.decoded  # the hook's decoded replies, for the aggregation
             arrays, train_metrics = strategy.aggregate_train(rnd, report.accepted)
             if arrays is None:
                 raise RoundFailed(f"round {rnd}: aggregation returned no model")
@@ -115,13 +118,15 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
 
 
 def _server(grid: Grid, cfg: Config, task: Any, data: Any, rec: RunRecorder,
-            build_model: Any) -> tuple[Any, ServerHook, list[Any]]:
-    """(the strategy: partition-sampled FedAvg wrapped by the server-side defenses, the server hook, those defenses)."""
+            build_model: Any) -> tuple[Any, PartitionSampledFedAvg, ServerHook, list[Any]]:
+    """(the strategy: partition-sampled FedAvg wrapped by the server-side defenses, that FedAvg itself, the server
+    hook, those defenses)."""
     roster = discover_partitions(grid)
     if len(roster) != cfg.federation.num_clients:
         raise RuntimeError(f"{len(roster)} of {cfg.federation.num_clients} clients answered the partition query")
-    strategy: Any = PartitionSampledFedAvg(roster, cfg.federation.clients_per_round, cfg.experiment.seed,
-                                           cfg.federation.min_replies)
+    base = PartitionSampledFedAvg(roster, cfg.federation.clients_per_round, cfg.experiment.seed,
+                                  cfg.federation.min_replies)
+    strategy: Any = base
     server_defenses = build_defenses(cfg)
     for d in server_defenses:
         strategy = d.wrap_strategy(strategy, cfg)
@@ -133,7 +138,7 @@ def _server(grid: Grid, cfg: Config, task: Any, data: Any, rec: RunRecorder,
         if hook.audit is not None and hasattr(d, "attach_canaries") and type(hook.audit).server_canaries is not \
                 Audit.server_canaries:
             d.attach_canaries(hook.audit)
-    return strategy, hook, server_defenses
+    return strategy, base, hook, server_defenses
 
 
 def _check_finite(rnd: int, state: dict[str, torch.Tensor]) -> None:

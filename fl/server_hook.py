@@ -28,7 +28,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 import attacks  # noqa: F401  (registers built-in attacks)
 from attacks.base import ATTACKS, Attack, Observation, ServerContext
 from fl import ground_truth
-from fl.arrays import InvalidUpdate, check_update, from_record, record_nbytes, to_record
+from fl.arrays import InvalidUpdate, check_update, from_record, like, record_nbytes
 from fl.protocol import REPORT_KEY, RESTORE_KEY
 from fl.config import Config
 from fl.replies import check_weight, harmonise_metrics, outliers, update_norm
@@ -44,6 +44,8 @@ class RoundReport:
     events: list[str] = field(default_factory=list)  # one line per failure / rejection
     attack_rows: list[dict[str, Any]] = field(default_factory=list)  # per-victim scores
     out_of_budget: list[int] = field(default_factory=list)  # partitions that refused: privacy budget spent
+    # id(reply's ArrayRecord) -> (that record, its tensors): decoded once here, reused by the aggregation
+    decoded: dict[int, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class ServerHook:
                 config[ground_truth.CONFIG_KEY] = self.ground_truth_token  # the batch goes to disk, not the reply
             if self.attack is not None and self.attack.threat_model == "malicious":
                 crafted = self.attack.craft(from_record(content["arrays"]), server_round, pid)
-                content["arrays"] = to_record(crafted)
+                content["arrays"] = like(content["arrays"], crafted)
             out.append(Message(content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id))
         return out
 
@@ -206,6 +208,7 @@ class ServerHook:
             content, pid = c.reply.content, c.pid
             bytes_up += record_nbytes(content["arrays"])
             report.accepted.append(c.reply)
+            report.decoded[id(content["arrays"])] = (content["arrays"], c.received)
             if self.audit is not None and pid in self.audit.clients:  # the server's test statistic, nothing else
                 self.audit.observe(server_round, pid, c.base, c.received)
             for rec in content.metric_records.values():
@@ -215,7 +218,8 @@ class ServerHook:
             if self.targets(server_round, pid) and (cap == 0 or attacked_this_round < cap):
                 attacked_this_round += 1
                 try:
-                    row = self._attack_one(server_round, c.node, pid, c.base, c.received, dict(content["meta"]),
+                    received = {k: v.clone() for k, v in c.received.items()}  # the aggregate's own stay untouched
+                    row = self._attack_one(server_round, c.node, pid, c.base, received, dict(content["meta"]),
                                            c.shared)
                     report.attack_rows.append(row)
                     if row.pop("unscored", False):

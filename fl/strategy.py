@@ -5,18 +5,26 @@ node ids from the global RNG) cannot be repeated. The server first asks every
 node for its partition id (:func:`discover_partitions`), then samples partitions
 with a seeded RNG and aggregates replies in partition order: same config and
 seed, same rounds, same floating-point sums.
+
+The weighted mean is taken in torch, in place, on the tensors the server hook already decoded
+for its checks (``decoded``: one deserialisation per reply, issue 19); a reply whose record a
+wrapping strategy replaced (server-side clipping) is decoded again. The arithmetic is Flower's
+``aggregate_arrayrecords`` (``sum of value * (w / total)`` in reply order, in the arrays' dtype).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl.arrays import from_record, is_flat, to_flat_record, to_record
 from fl.training import derive_seed
 
 
@@ -50,6 +58,7 @@ class PartitionSampledFedAvg(FedAvg):
         self.clients_per_round = clients_per_round or len(roster)
         self.seed = seed
         self.min_replies = min_replies
+        self.decoded: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}  # set per round (fl.server_app)
 
     def sample_partitions(self, server_round: int) -> list[int]:
         pids = sorted(self.node_of)
@@ -67,4 +76,28 @@ class PartitionSampledFedAvg(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ordered = sorted(replies, key=lambda m: self.roster.get(m.metadata.src_node_id, 0))
-        return super().aggregate_train(server_round, ordered)
+        valid, _ = self._check_and_log_replies(ordered, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        arrays = self._weighted_mean(contents)
+        self.decoded = {}
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def _weighted_mean(self, contents: list[RecordDict]) -> ArrayRecord:
+        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
+        total = sum(weights)
+        mean: dict[str, torch.Tensor] = {}
+        flat = True
+        for content, weight in zip(contents, weights, strict=True):
+            factor = weight / total
+            for record in content.array_records.values():
+                flat = flat and is_flat(record)
+                hit = self.decoded.get(id(record))
+                tensors = hit[1] if hit is not None and hit[0] is record else from_record(record)
+                for name, value in tensors.items():
+                    if name in mean:
+                        mean[name] += value * factor
+                    else:
+                        mean[name] = value * factor
+        return to_flat_record(mean) if flat else to_record(mean)

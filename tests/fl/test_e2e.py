@@ -34,9 +34,15 @@ def test_tiny_simulation_logs_every_round(tmp_path, monkeypatch):
     (tmp_path / "tiny.toml").write_text(TINY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary_path = tmp_path / "summary.json"
+    import fl.strategy
+
+    decodes = []  # the aggregation decoding a reply the server hook had already decoded (issue 19: once per reply)
+    real = fl.strategy.from_record
+    monkeypatch.setattr(fl.strategy, "from_record", lambda record: decodes.append(1) or real(record))
     assert main(["run", "tiny.toml", "--tracking-uri", uri, "--summary-json", str(summary_path), "--no-progress"]) == 0
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "FINISHED" and summary["rounds_completed"] == 2
+    assert decodes == []
     assert {"run_id", "tracking_uri", "final"} <= set(summary)
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["run_id"])
