@@ -83,8 +83,11 @@ def test_sigint_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(tmp
     (tmp_path / "sweep.toml").write_text('[sweep]\nname = "s"\nbase = "long.toml"\n[sweep.grid]\n'
                                          '"optimizer.lr" = [0.01, 0.02]\n')
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # SIGINT at its default, as from a terminal: a shell's background job (`cmd &` without job control) inherits it
+    # ignored, and a Python started that way never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "fl.cli", "sweep", "sweep.toml", "--tracking-uri", uri,
-                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ps = psutil.Process(proc.pid)
     deadline = time.monotonic() + 240
     seen: list[psutil.Process] = []
