@@ -10,10 +10,10 @@ running statistics, a frozen base), before the round's global weights are loaded
 the client starts from exactly what a fresh build gives, so a reused model trains to
 the same bits (tested).
 
-A model is *checked out* for the round and *returned* only when the round ended
-normally (``after_training`` ran) and it carries no hook it did not have when built
-(Opacus' hooks are removed by ``dp_sgd``); a round that raised or refused, or left a
-hook behind, drops it, and the next message builds a fresh one. ``FEDPROBE_MODEL_REUSE=0``
+A model is *checked out* for the round and *returned* when the round ended normally
+(``after_training`` ran, or a defense refused the round before training) and it carries
+no hook it did not have when built (Opacus' hooks are removed by ``dp_sgd``); a round
+that raised, or left a hook behind, drops it, and the next message builds a fresh one. ``FEDPROBE_MODEL_REUSE=0``
 turns reuse off (every message builds).
 """
 
