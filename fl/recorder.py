@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fl import stopping
 from fl.config import Config, config_from_dict
 from fl.tracking import Tracker, provenance, publish_view
 
@@ -181,7 +182,10 @@ class RunRecorder:
 
     def finish(self, status: str, global_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """``final_*``, ``summary.json``, the run's status; returns the summary. Never raises (tracking must not hide
-        the run's own error)."""
+        the run's own error). After a stop signal (:mod:`fl.stopping`) the status is ``KILLED``, whatever ended the
+        rounds."""
+        if stopping.requested.is_set():
+            status = "KILLED"
         summary = run_summary(self.tracker, status, self.history, self.events, self.t_start,
                               rounds_completed=len(self.history), config_digest=self.cfg.digest())
         try:

@@ -4,11 +4,19 @@ Flower's simulation engine runs the ServerApp in a thread and waits for it, so a
 KeyboardInterrupt leaves the process alive with Ray's actors dying noisily, and the MLflow run
 RUNNING for ever. :class:`StopOnSignal` instead, on the first signal:
 
-1. marks the MLflow run ``KILLED`` (the rounds already logged stay; every completed round is
-   also in the checkpoint, written before its metrics, so nothing is lost);
-2. stops the private Ray instance and kills what is left of this process's children (Ray's
-   dashboard and runtime-env agents outlive ``ray.shutdown`` when the driver dies first);
+1. kills the private Ray instance: every process below this one, listed before any is
+   touched (Ray's agents outlive their raylet, re-parented to init, and would be missed);
+2. marks the MLflow run ``KILLED`` (the rounds already logged stay; every completed round is
+   also in the checkpoint, written before its metrics, so nothing is lost), after the kill,
+   since the server thread, seeing its clients go, may end the run itself (``requested`` makes
+   that ending say KILLED too);
 3. prints how to resume, and exits with 130 (SIGINT) or 143 (SIGTERM), the shell's codes.
+
+``ray.shutdown()`` is not called: Flower's worker threads poll ``ray.wait`` and, once the core
+worker is shut down, the next poll makes Ray's C++ end the process with status 1 (seen in CI:
+"The core worker has already been shutdown ... The process will exit"), losing the exit code
+and the resume line. Killing the processes leaves the driver's core worker in place, and the
+process ends by ``os._exit`` before any thread notices.
 
 A second signal during the clean-up exits at once.
 """
@@ -22,6 +30,9 @@ import threading
 from typing import Any, Callable
 
 
+requested = threading.Event()  # set on the first signal: a run's own ending then records KILLED, never FAILED
+
+
 def descendants() -> list[Any]:
     """Every live process below this one (Ray's GCS, raylet, agents, workers)."""
     import psutil
@@ -32,32 +43,17 @@ def descendants() -> list[Any]:
         return []
 
 
-def kill_tree(procs: list[Any], grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace_s``, for each process still alive."""
+def kill_tree(procs: list[Any], wait_s: float = 3.0) -> None:
+    """SIGKILL each process still alive, all at once (no process gets to notice another's end and
+    act on it), and wait up to ``wait_s`` for them to be gone."""
     import psutil
 
     for p in procs:
         try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=grace_s)
-
-
-def _shutdown_ray() -> None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
+    psutil.wait_procs(procs, timeout=wait_s)
 
 
 class StopOnSignal:
@@ -88,24 +84,21 @@ class StopOnSignal:
         if self._stopping:
             os._exit(code)
         self._stopping = True
+        requested.set()
         name = signal.Signals(signum).name
         print(f"\nfedprobe: {name} received: stopping Ray and marking the run KILLED ...", file=sys.stderr, flush=True)
         import logging
 
         logging.disable(logging.CRITICAL)  # Flower's workers log each actor Ray takes down; Ray warns of its thread
-        procs = descendants()  # taken before Ray's own shutdown re-parents its agents to init
-        if self.run_id:
+        threading.excepthook = lambda args: None  # nor may a thread that sees Ray go print over the lines below
+        kill_tree(descendants())  # listed before any dies: Ray's agents outlive their raylet, re-parented to init
+        if self.run_id:  # after the kill: the server thread, seeing its clients go, may have ended the run FAILED
             try:
                 from mlflow import MlflowClient
 
                 MlflowClient(tracking_uri=self.tracking_uri).set_terminated(self.run_id, status="KILLED")
-            except Exception as exc:  # noqa: BLE001  (a tracking outage must not keep Ray alive)
+            except Exception as exc:  # noqa: BLE001
                 print(f"fedprobe: could not mark run {self.run_id} KILLED: {exc}", file=sys.stderr)
-        stopper = threading.Thread(target=_shutdown_ray, daemon=True)  # it may wait on the interrupted main thread
-        stopper.start()
-        stopper.join(timeout=5.0)
-        kill_tree([p for p in procs if p.is_running()])
-        if self.run_id:
             print(f"fedprobe: run {self.run_id} KILLED; completed rounds are checkpointed. Resume with:\n"
                   f"  {self.resume_hint(self.run_id)}", file=sys.stderr, flush=True)
         else:

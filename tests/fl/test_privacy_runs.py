@@ -25,6 +25,7 @@ def _cfg(tmp_path, rounds=4, noise_multiplier=1.0, **dp):
     })
 
 
+@pytest.mark.slow  # ~45 s / ~32 s here, more in CI: the default suite keeps to ~15 min
 def test_a_killed_and_resumed_dp_run_reports_the_uninterrupted_epsilon(tmp_path, monkeypatch):
     monkeypatch.delenv(SECRET_ENV, raising=False)
     cfg = _cfg(tmp_path)
@@ -72,6 +73,7 @@ def _cli_final(tmp_path, monkeypatch, config):
     return json.loads(out.read_text())["final"]
 
 
+@pytest.mark.slow  # ~45 s / ~32 s here, more in CI: the default suite keeps to ~15 min
 def test_the_audit_experiment_reports_a_lower_bound_below_the_accountant(tmp_path, monkeypatch, repo_root):
     final = _cli_final(tmp_path, monkeypatch, repo_root / "experiments/audit_dp_sgd.toml")
     assert final["audit_canaries"] == 50000 and final["audit_guesses"] > 0
