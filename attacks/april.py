@@ -51,6 +51,13 @@ class APRIL(Attack):
             raise ValueError(f"april rcond must be > 0, got {rcond!r}")
         self.pos_name, self.proj_name, self.rcond = position_embeddings, patch_projection, float(rcond)
 
+    def check_model(self, params: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in (self.pos_name, self.proj_name) if n and n not in params]
+        if missing:
+            raise ValueError(f"april: {missing} not among the model's trainable parameters; check "
+                             "position_embeddings / patch_projection")
+        _find(params, self.pos_name, self.proj_name)
+
     def attack(self, obs: Observation) -> Reconstruction:
         t0 = time.perf_counter()
         c, h, w = obs.task.image_shape

@@ -253,6 +253,17 @@ class AttentionInversion(Attack):
         k = q.replace("q_proj.weight", "k_proj.weight").replace("query.weight", "key.weight") if q else ""
         return (q, k) if k in params else ("", "")
 
+    def check_model(self, params: dict[str, torch.Tensor]) -> None:
+        """Names given in the config must be the model's; so must the head count divide their width."""
+        missing = [n for n in (self.q_weight, self.k_weight) if n and n not in params]
+        if missing:
+            raise ValueError(f"attention_inversion: {missing} not among the model's trainable parameters; check "
+                             "q_weight / k_weight")
+        q, k = self._names(params)
+        if q and k and self.num_heads and params[q].shape[0] % self.num_heads:
+            raise ValueError(f"attention_inversion: {q} has width {params[q].shape[0]}, not divisible by "
+                             f"num_heads={self.num_heads}")
+
     def craft(self, global_params: dict[str, torch.Tensor], server_round: int, partition_id: int) -> dict[str, torch.Tensor]:
         out = dict(global_params)
         for name in self._bias_names(global_params):

@@ -127,6 +127,12 @@ class Attack:
         self.server = server
         return self
 
+    def check_model(self, params: dict[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` if this attack cannot work on a model with these trainable parameters (name ->
+        tensor, what a round's ``global_params`` will hold): a parameter named in the config that the model lacks,
+        a model too small for a malicious construction. ``fedprobe run`` calls it once it has built the model,
+        before Ray starts; the default finds nothing wrong."""
+
     def attack(self, obs: Observation) -> Reconstruction:
         raise NotImplementedError
 

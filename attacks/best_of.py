@@ -68,6 +68,9 @@ class BestOf(Attack):
 
     def __init__(self, members: list[Any] | None = None) -> None:
         super().__init__()
+        if members is not None and not list(members):
+            raise ValueError("best_of members is empty: name at least one attack, or leave members unset for the "
+                             "default set")
         self.members = None if members is None else _normalise(list(members))
         for spec in self.members or []:
             self._build(spec)  # fail now (bad name or params), not after the first round

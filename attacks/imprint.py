@@ -42,6 +42,8 @@ intermediate // (T - 1) bins per position. Labels are not recovered.
 
 from __future__ import annotations
 
+import math
+
 import time
 from typing import Any
 
@@ -100,9 +102,26 @@ class Imprint(Attack):
     def __init__(self, seed: int = 0, calibration: str = "", calibration_examples: int = 256,
                  sharpness: float = 1e4, const: float = 1.0, tol: float = 1e-6, readout: float = 1e-3) -> None:
         super().__init__()
+        if calibration_examples < 1:
+            raise ValueError(f"imprint calibration_examples must be >= 1, got {calibration_examples!r}")
+        if not all(0 < v < math.inf for v in (sharpness, const, tol, readout)):
+            raise ValueError("imprint sharpness, const, tol and readout must be finite numbers > 0 (const divides the "
+                             f"recovered scale, readout scales the signal), got {sharpness!r}, {const!r}, {tol!r}, "
+                             f"{readout!r}")
         self.seed, self.calibration, self.n_cal = int(seed), str(calibration), int(calibration_examples)
         self.sharpness, self.const, self.tol, self.readout = float(sharpness), float(const), float(tol), float(readout)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def check_model(self, params: dict[str, torch.Tensor]) -> None:
+        L = _Layout(params)  # a ViT with room for the construction, else the reason
+        if self.calibration:  # the server's calibration images exist and have the model's channels
+            if self.server.public_dataset is None:
+                raise ValueError(f"imprint calibration = {self.calibration!r} needs the server's public data, and "
+                                 "this server has none")
+            data = self.server.public_dataset(self.calibration)
+            first = data[0] if len(data) else {}
+            if "pixel_values" not in first or first["pixel_values"].shape[0] != L.C:
+                raise ValueError(f"imprint calibration dataset {self.calibration!r} has no {L.C}-channel images")
 
     # ---- crafting ------------------------------------------------------------------
     def _calibration_images(self, L: _Layout, H: int, W: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Every built-in attack and defense constructor parameter x 23 odd values, through ``fedprobe check`` (issue 16).
 
-Counts how many values are accepted (exit 0), refused in one line (exit 2) or end in a traceback. The
-hypothesis test in ``tests/fl/test_config_properties.py`` samples the same space; this script walks all of it.
+Counts how many values are accepted (exit 0), refused in one line (exit 2) or end in a traceback, and lists the
+accepted values of each parameter, to be read for any that are out of range. ``fedprobe check`` does not build the
+model, so the names an attack gives of model parameters (april, attention_inversion) are checked by ``fedprobe run``
+(and ``--dry-run``) only. The hypothesis test in ``tests/fl/test_config_properties.py`` samples the same space; this
+script walks all of it.
 
     python benchmarks/fuzz_plugin_params.py
 """
@@ -36,6 +39,7 @@ def main_() -> None:
     (d / "c.toml").write_text(f"[federation]\nnum_clients = 2\nrounds = 1\n[tracking]\noutput_dir = '{d}/out'\n")
     codes: collections.Counter = collections.Counter()
     bad = []
+    accepted: dict[str, list[str]] = collections.defaultdict(list)
     for section, name, param in PLUGIN_PARAMS:
         for v in VALUES:
             sets = (["--set", f"attack.name='{name}'", "--set", f"attack.params.{param}={v}"] if section == "attack"
@@ -51,11 +55,16 @@ def main_() -> None:
                 rc = "multi-line"
                 bad.append(f"{name}.{param} = {v}: more than one line")
             codes[rc] += 1
+            if rc == 0:
+                accepted[f"{name}.{param}"].append(v)
     print(f"{len(PLUGIN_PARAMS)} parameters x {len(VALUES)} values = {len(PLUGIN_PARAMS) * len(VALUES)} checks: "
           f"accepted {codes[0]}, refused in one line {codes[2]}, tracebacks {codes['traceback']}, "
           f"multi-line {codes['multi-line']}")
     for line in bad:
         print(" ", line)
+    print("accepted:")
+    for key, values in accepted.items():
+        print(f"  {key}: {', '.join(values)}")
 
 
 if __name__ == "__main__":

@@ -50,11 +50,27 @@ def check_names(cfg: Config) -> None:
             raise ConfigError(f"{key}: {exc}") from None
 
 
+def _public_dataset(name: str) -> Any:
+    from fl.data.federated import load_dataset
+
+    return load_dataset(name).data
+
+
+def build_attack(cfg: Config) -> Any:
+    """The configured attack (None for none), bound to what fedprobe's server holds: its public datasets, by name."""
+    from attacks.base import ATTACKS, ServerContext
+
+    if cfg.attack.name in ("", "none"):
+        return None
+    return ATTACKS.create(cfg.attack.name, **cfg.attack.params).bind(ServerContext(public_dataset=_public_dataset))
+
+
 def preflight(cfg: Config, build: bool = True) -> None:
     """Load the data and build the model once, so a bad path or model option fails before Ray starts.
 
     ``build = False`` (``fedprobe check``) checks the model from its config alone (``models.check_model``):
     the same refusals but for what only building the weights finds, in a few seconds instead of ten."""
+    from fl.arrays import trainable_state
     from fl.data import load_federated
     from models import build_model, check_model, task_for
 
@@ -65,11 +81,10 @@ def preflight(cfg: Config, build: bool = True) -> None:
     if not cfg.federation.ray_address and cfg.federation.client_cpus > cpus:
         raise ConfigError(f"federation.client_cpus = {cfg.federation.client_cpus:g} exceeds this machine's {cpus} CPUs: "
                           "Ray could never place a client and the run would hang; lower it (e.g. 1)")
+    attack_obj = None
     if cfg.attack.name not in ("", "none"):
-        from attacks.base import ATTACKS
-
         try:  # attack constructors only validate their parameters (no side effects)
-            ATTACKS.create(cfg.attack.name, **cfg.attack.params)
+            attack_obj = build_attack(cfg)
         except (TypeError, ValueError, ArithmeticError, RegistryError) as exc:
             raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
     from defenses.base import DEFENSES
@@ -105,7 +120,7 @@ def preflight(cfg: Config, build: bool = True) -> None:
         raise ConfigError(f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
     try:
         if build:
-            build_model(cfg.model, task_for(cfg.model, data.task), seed=cfg.experiment.seed)
+            model = build_model(cfg.model, task_for(cfg.model, data.task), seed=cfg.experiment.seed)
         else:
             check_model(cfg.model, data.task)  # a plain factory: its signature only
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -114,6 +129,11 @@ def preflight(cfg: Config, build: bool = True) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model ({cfg.model.family}, params {cfg.model.params}): {type(exc).__name__}: {first}") \
             from None
+    if build and attack_obj is not None:  # names and sizes the attack needs from this model
+        try:
+            attack_obj.check_model(trainable_state(model))
+        except ValueError as exc:
+            raise ConfigError(f"attack.params for {cfg.attack.name!r}: {exc}".replace("\n", " ")) from None
 
 
 def _check_writable(folder: str) -> None:

@@ -187,18 +187,28 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 def check_param_types(factory: Any, params: dict[str, Any]) -> str:
     """The first config parameter whose value does not fit the constructor's annotation ("" if none): a
-    string for an int, NaN for a step count. Ranges stay the plugin's own checks."""
+    string for an int, NaN for a step count, and a non-finite number (``inf``, ``nan``, TOML's ``1e309``) for a
+    ``float`` parameter whose default is finite (one whose default is ``inf`` takes ``inf``). Other ranges stay the
+    plugin's own checks."""
+    import math
     import typing
 
     target = factory.__init__ if isinstance(factory, type) else factory
     try:
         hints = typing.get_type_hints(target)
+        defaults = {k: p.default for k, p in inspect.signature(target).parameters.items()}
     except Exception:  # noqa: BLE001  (unresolvable annotations: leave it to the constructor)
         return ""
     for key, value in params.items():
-        if key in hints and _matches(value, hints[key]) is False:
+        if key not in hints:
+            continue
+        if _matches(value, hints[key]) is False:
             shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
             return f"{key} = {value!r} does not fit its type ({shown})"
+        default = defaults.get(key)
+        if (isinstance(value, float) and not math.isfinite(value) and _matches(value, hints[key]) is True
+                and not (isinstance(default, float) and not math.isfinite(default))):
+            return f"{key} = {value!r} is not a finite number"
     return ""
 
 

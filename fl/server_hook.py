@@ -26,11 +26,12 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 import attacks  # noqa: F401  (registers built-in attacks)
-from attacks.base import ATTACKS, Attack, Observation, ServerContext
+from attacks.base import Attack, Observation
 from fl import ground_truth
 from fl.arrays import InvalidUpdate, check_update, from_record, like, record_nbytes
 from fl.protocol import REPORT_KEY, RESTORE_KEY
 from fl.config import Config
+from fl.plugins import build_attack
 from fl.replies import check_weight, harmonise_metrics, outliers, update_norm
 from models.tasks import TaskSpec
 
@@ -65,19 +66,6 @@ def short_reason(reason: str, limit: int = 300) -> str:
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("File ", "^", "~"))] or ["unknown error"]
     return lines[-1].rstrip("'>")[:limit]
-
-
-def _public_dataset(name: str) -> Any:
-    from fl.data.federated import load_dataset
-
-    return load_dataset(name).data
-
-
-def build_attack(cfg: Config) -> Attack | None:
-    """The configured attack, bound to what fedprobe's server holds (its public datasets, by name)."""
-    if cfg.attack.name in ("", "none"):
-        return None
-    return ATTACKS.create(cfg.attack.name, **cfg.attack.params).bind(ServerContext(public_dataset=_public_dataset))
 
 
 class ServerHook:

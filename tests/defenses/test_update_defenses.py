@@ -152,5 +152,8 @@ def test_infinite_norms_and_noise_are_refused(name, params, fragment):
     import defenses  # noqa: F401  (registers the built-ins)
     from defenses.base import DEFENSES
 
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises(ValueError, match=fragment):  # the constructor's own check, for library use
+        DEFENSES.get(name)(**params)
+    key = next(iter(params))
+    with pytest.raises(ValueError, match=f"{key} = inf is not a finite number"):  # through a config: the registry's
         DEFENSES.create(name, **params)

@@ -160,3 +160,30 @@ def test_check_model_refuses_non_square_images_without_building_anything():
     with pytest.raises(ModelError, match="vit needs square images, got 8x6"):
         check_model(ModelConfig(family="vit", size="tiny"), TaskSpec(kind="image", num_classes=10,
                                                                    image_shape=(1, 8, 6)))
+
+
+MODEL_CASES = [  # what only the built model can tell: found by `fedprobe run` before Ray starts
+    (["attack.name='april'", "attack.params.position_embeddings='vit.no_such'"],
+     "april: ['vit.no_such'] not among the model's trainable parameters"),
+    (["attack.name='attention_inversion'", "attack.params.num_heads=5"], "not divisible by num_heads=5"),
+    (["attack.name='imprint'", "model.params.num_hidden_layers=1"], "imprint needs a ViT with at least 2 layers"),
+    (["attack.name='imprint'", "attack.params.const=0"], "imprint sharpness, const, tol and readout must be finite"),
+    (["attack.name='best_of'", "attack.params.members=[]"], "best_of members is empty"),
+    (["attack.name='imprint'", "attack.params.calibration='textgen'"], "'textgen' has no 1-channel images"),
+    (["attack.name='imprint'", "attack.params.calibration='nope'"], "unknown dataset 'nope'"),
+]
+
+
+@pytest.mark.parametrize("sets, fragment", MODEL_CASES)
+def test_a_dry_run_checks_the_attack_against_the_built_model(sets, fragment, tmp_path, capsys):
+    from fl.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[federation]\nnum_clients = 2\nrounds = 1\n[tracking]\noutput_dir = '{tmp_path / 'out'}'\n")
+    args = [a for s in sets for a in ("--set", s)]
+    code = main(["run", str(cfg), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    plain = main(["run", str(cfg), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                  "--set", sets[0]])  # the same attack with its defaults fits the model
+    assert plain == 0, capsys.readouterr().err

@@ -114,3 +114,21 @@ def test_create_refuses_values_that_do_not_fit_the_constructors_annotations():
                           ({"mode": "c"}, "mode = 'c'"), ({"cap": "big"}, "cap = 'big'"), ({"name": 3}, "name = 3")]:
         with pytest.raises(RegistryError, match="bad parameters for widget 'w': " + fragment):
             reg.create("w", **bad)
+
+
+def test_a_float_parameter_takes_a_non_finite_value_only_where_its_default_is_one():
+    import math
+
+    reg: Registry = Registry("widget")
+
+    @reg.register("w")
+    class W:
+        def __init__(self, lam: float = 0.0, cap: float | None = None, ceiling: float = math.inf) -> None:
+            self.lam, self.cap, self.ceiling = lam, cap, ceiling
+
+    assert reg.create("w", ceiling=math.inf).ceiling == math.inf  # inf is its default: "no ceiling"
+    assert reg.create("w", lam=1e300, cap=2.0).lam == 1e300
+    for bad in [{"lam": math.inf}, {"lam": -math.inf}, {"lam": math.nan}, {"cap": math.inf}]:
+        (key, value), = bad.items()
+        with pytest.raises(RegistryError, match=f"{key} = {value!r} is not a finite number"):
+            reg.create("w", **bad)
