@@ -25,7 +25,8 @@ class Observation:
     """What the server saw from one client in one round.
 
     ``global_params`` were sent, ``client_params`` came back (after the client's own
-    defenses, before any server-side defense). ``metadata`` is what the client
+    defenses, before any server-side defense); in ``fedprobe run`` both are the attack's
+    own copies, so writing into them changes nothing else. ``metadata`` is what the client
     reported: ``num_examples``, ``local_steps``, ``lr``, ``batch_size``,
     ``optimizer``, ``model_mode`` (``train``/``eval``: the mode the client trained in).
     ``labels`` is set only when the threat model grants them. ``defenses`` is the

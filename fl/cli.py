@@ -248,7 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _err(str(exc), EXIT_USAGE)
     except SweepInterrupted as exc:
         print(f"\nfedprobe: {exc}", file=sys.stderr)
-        return 130
+        return exc.code
     print(f"sweep: {result['ran']} points run, {result['skipped']} skipped (already finished), "
           f"{len(result['failed'])} failed; parent run {result['parent_run_id']}")
     if not args.no_report:

@@ -206,8 +206,11 @@ class ServerHook:
             if self.targets(server_round, pid) and (cap == 0 or attacked_this_round < cap):
                 attacked_this_round += 1
                 try:
-                    received = {k: v.clone() for k, v in c.received.items()}  # the aggregate's own stay untouched
-                    row = self._attack_one(server_round, c.node, pid, c.base, received, dict(content["meta"]),
+                    # copies: an attack that writes into what it observes must not change the aggregate, the
+                    # server's global model, or what the next victim's attack sees
+                    received = {k: v.clone() for k, v in c.received.items()}
+                    base = {k: v.clone() for k, v in c.base.items()}
+                    row = self._attack_one(server_round, c.node, pid, base, received, dict(content["meta"]),
                                            c.shared)
                     report.attack_rows.append(row)
                     if row.pop("unscored", False):

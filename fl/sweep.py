@@ -20,6 +20,7 @@ loses no finished point.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -30,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fl.config import Config, ConfigError, config_from_dict, read_toml, set_dotted
 from fl.paths import safe_filename
@@ -119,7 +120,42 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 class SweepInterrupted(RuntimeError):
-    """Ctrl-C during a sweep: the running points were stopped and marked KILLED."""
+    """Ctrl-C or SIGTERM during a sweep: the running points were stopped and marked KILLED. ``code`` is the
+    shell's exit status for the signal (130, 143)."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread while the sweep waits on its points. Installed explicitly: a
+    process started as a background job of a shell without job control inherits SIGINT ignored, and would
+    never see Ctrl-C's KeyboardInterrupt; SIGTERM (a scheduler's stop) would otherwise kill the sweep and leave its
+    points and parent RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_(signum: int, frame: Any) -> None:
+        raise _Signalled(signum)
+
+    previous = {sig: signal.signal(sig, raise_) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def find_or_create_parent(sweep: Sweep, uri: str) -> Any:
@@ -221,14 +257,16 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
     pool = ThreadPoolExecutor(max_workers=parallel or sweep.parallel)
     futures: list[Any] = []
     try:
-        futures = [pool.submit(_run_point, p, parent.run_id, uri, workdir) for p in todo]
-        for fut in as_completed(futures):
-            point, code, tail = fut.result()
-            if code != 0:
-                failed.append(f"point {point.index} ({point.label()}): exit {code}: {tail}")
-                print(f"fedprobe sweep: {failed[-1]}", file=sys.stderr)
-            bar.update(1)
-    except KeyboardInterrupt:
+        with _stop_on_signals():
+            futures = [pool.submit(_run_point, p, parent.run_id, uri, workdir) for p in todo]
+            for fut in as_completed(futures):
+                point, code, tail = fut.result()
+                if code != 0:
+                    failed.append(f"point {point.index} ({point.label()}): exit {code}: {tail}")
+                    print(f"fedprobe sweep: {failed[-1]}", file=sys.stderr)
+                bar.update(1)
+    except KeyboardInterrupt as exc:
+        code = 128 + exc.signum if isinstance(exc, _Signalled) else 130
         for fut in futures:
             fut.cancel()
         _interrupt_points()
@@ -236,7 +274,7 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
         bar.close()
         parent.finish("KILLED")
         raise SweepInterrupted(f"sweep {sweep.name} interrupted; parent run {parent.run_id} KILLED. Rerun "
-                               f"'fedprobe sweep {path}' to continue: its finished points are skipped") from None
+                               f"'fedprobe sweep {path}' to continue: its finished points are skipped", code) from None
     pool.shutdown(wait=True)
     bar.close()
     parent.log_dict({"sweep": sweep.name, "points": [{"index": p.index, "digest": p.digest, "overrides": p.overrides}

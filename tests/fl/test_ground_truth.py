@@ -19,7 +19,10 @@ class Snoop(Attack):
         folder = Path("out") / "ground-truth"
         files = sorted(str(p) for p in folder.rglob("*.pt")) if folder.is_dir() else []
         SEEN.append({"labels": obs.labels, "shared": dict(obs.shared), "meta_keys": sorted(obs.metadata),
-                     "files_during_attack": files})
+                     "files_during_attack": files,
+                     "global_abs_sum": sum(float(v.abs().sum()) for v in obs.global_params.values())})
+        for t in [*obs.global_params.values(), *obs.client_params.values()]:  # vandalism: it must reach nothing
+            t.zero_()
         shape = (int(obs.metadata.get("batch_size", 1)), *obs.task.image_shape)
         return Reconstruction(inputs=torch.zeros(shape), labels=torch.zeros(shape[0], dtype=torch.long))
 
@@ -34,7 +37,7 @@ local_steps = 1
 batch_size = 2
 [attack]
 name = "tests.fl.test_ground_truth:Snoop"
-victims = [0]
+victims = [0, 1]
 [tracking]
 output_dir = "out"
 """
@@ -59,9 +62,11 @@ def test_ground_truth_never_travels_and_is_scored_after_the_attack(tmp_path, mon
     assert main(["run", "c.toml", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress",
                  "--summary-json", "s.json"]) == 0
     assert replies_seen and all("oracle" not in keys for keys in replies_seen), replies_seen
-    assert len(SEEN) == 1 and SEEN[0]["labels"] is None and SEEN[0]["shared"] == {}
-    # the victim's file exists while the attack runs (on disk, out of every message), the scorer read it after
-    assert len(SEEN[0]["files_during_attack"]) == 1
+    assert len(SEEN) == 2 and all(s["labels"] is None and s["shared"] == {} for s in SEEN)
+    # the victims' files exist while the attack runs (on disk, out of every message), the scorer reads each after
+    assert [len(s["files_during_attack"]) for s in SEEN] == [2, 1]
+    # victim 0's attack zeroed what it observed in place: victim 1's attack still sees the server's global model
+    assert SEEN[0]["global_abs_sum"] > 0 and SEEN[1]["global_abs_sum"] == SEEN[0]["global_abs_sum"]
     import json
 
     final = json.loads((tmp_path / "s.json").read_text())["final"]

@@ -7,6 +7,7 @@ import sys
 import time
 
 import psutil
+import pytest
 from mlflow import MlflowClient
 
 LONG = """
@@ -78,16 +79,20 @@ def test_sigint_stops_run_kills_ray_and_marks_killed(tmp_path):
     assert f"--resume {run_id}" in out and "Traceback" not in out, out
 
 
-def test_sigint_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(tmp_path):
+@pytest.mark.parametrize("sig, inherited, code", [
+    (signal.SIGINT, signal.SIG_IGN, 130),  # as `kill -INT` to a background job of a shell without job control
+    (signal.SIGTERM, signal.SIG_DFL, 143),  # as a scheduler stops a job
+])
+def test_a_signal_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(tmp_path, sig, inherited, code):
     (tmp_path / "long.toml").write_text(LONG)
     (tmp_path / "sweep.toml").write_text('[sweep]\nname = "s"\nbase = "long.toml"\n[sweep.grid]\n'
                                          '"optimizer.lr" = [0.01, 0.02]\n')
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # SIGINT at its default, as from a terminal: a shell's background job (`cmd &` without job control) inherits it
-    # ignored, and a Python started that way never raises KeyboardInterrupt
+    # SIGINT started ignored: a shell's background job (`cmd &` without job control) inherits it so, and a Python
+    # started that way never raises KeyboardInterrupt unless the sweep installs its own handler (it does)
     proc = subprocess.Popen([sys.executable, "-m", "fl.cli", "sweep", "sweep.toml", "--tracking-uri", uri,
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     ps = psutil.Process(proc.pid)
     deadline = time.monotonic() + 240
     seen: list[psutil.Process] = []
@@ -99,10 +104,10 @@ def test_sigint_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(tmp
     assert proc.poll() is None, proc.stdout.read()
     seen = _ray_children(ps) or seen
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)  # to the sweep alone, as `kill -INT` would: it passes it on to its point
+    proc.send_signal(sig)  # to the sweep alone, as `kill` would: it passes SIGINT on to its point
     out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 20, out
-    assert proc.returncode == 130 and "Traceback" not in out and "finished points are skipped" in out, out
+    assert proc.returncode == code and "Traceback" not in out and "finished points are skipped" in out, out
     time.sleep(1)
     assert _live(seen) == [], f"Ray processes left: {_live(seen)}"
     client = MlflowClient(tracking_uri=uri)
