@@ -43,7 +43,6 @@ intermediate // (T - 1) bins per position. Labels are not recovered.
 from __future__ import annotations
 
 import math
-
 import time
 from typing import Any
 

@@ -2,8 +2,8 @@
 
 Counts how many values are accepted (exit 0), refused in one line (exit 2) or end in a traceback, and lists the
 accepted values of each parameter, to be read for any that are out of range. ``fedprobe check`` does not build the
-model, so the names an attack gives of model parameters (april, attention_inversion) are checked by ``fedprobe run``
-(and ``--dry-run``) only. The hypothesis test in ``tests/fl/test_config_properties.py`` samples the same space; this
+model, so the names an attack gives of model parameters (april, attention_inversion) or of a dataset
+(imprint's calibration) are checked by ``fedprobe run`` (and ``--dry-run``) only. The hypothesis test in ``tests/fl/test_config_properties.py`` samples the same space; this
 script walks all of it.
 
     python benchmarks/fuzz_plugin_params.py

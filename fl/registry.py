@@ -202,11 +202,12 @@ def check_param_types(factory: Any, params: dict[str, Any]) -> str:
     for key, value in params.items():
         if key not in hints:
             continue
-        if _matches(value, hints[key]) is False:
+        fits = _matches(value, hints[key])
+        if fits is False:
             shown = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
             return f"{key} = {value!r} does not fit its type ({shown})"
         default = defaults.get(key)
-        if (isinstance(value, float) and not math.isfinite(value) and _matches(value, hints[key]) is True
+        if (fits and isinstance(value, float) and not math.isfinite(value)
                 and not (isinstance(default, float) and not math.isfinite(default))):
             return f"{key} = {value!r} is not a finite number"
     return ""

@@ -23,14 +23,32 @@ A second signal during the clean-up exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 requested = threading.Event()  # set on the first signal: a run's own ending then records KILLED, never FAILED
+
+
+@contextlib.contextmanager
+def signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM inside the block, the previous handlers restored after. Installed
+    explicitly, so a process started as a background job of a shell without job control (which inherits SIGINT
+    ignored) still answers Ctrl-C; in the main thread only, where Python's signal handlers live (elsewhere the
+    block runs with nothing changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def descendants() -> list[Any]:
@@ -64,20 +82,17 @@ class StopOnSignal:
         self.resume_hint = resume_hint
         self.run_id = ""
         self._stopping = False
-        self._previous: dict[int, Any] = {}
+        self._handled = signals_handled_by(self._handle)
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
 
     def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._handled.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._handled.__exit__(*exc)
 
     def _handle(self, signum: int, frame: Any) -> None:
         code = 128 + signum

@@ -20,7 +20,6 @@ loses no finished point.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import itertools
@@ -31,10 +30,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fl.config import Config, ConfigError, config_from_dict, read_toml, set_dotted
 from fl.paths import safe_filename
+from fl.stopping import signals_handled_by
 
 SWEEP_KEYS = {"name", "base", "parallel", "set", "grid", "points", "description"}
 
@@ -134,28 +134,10 @@ class _Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise in the main thread while the sweep waits on its points. Installed explicitly: a
-    process started as a background job of a shell without job control inherits SIGINT ignored, and would
-    never see Ctrl-C's KeyboardInterrupt; SIGTERM (a scheduler's stop) would otherwise kill the sweep and leave its
-    points and parent RUNNING."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_(signum: int, frame: Any) -> None:
-        raise _Signalled(signum)
-
-    previous = {sig: signal.signal(sig, raise_) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _raise_signalled(signum: int, frame: Any) -> None:
+    """While the sweep waits on its points, SIGINT and SIGTERM raise in the main thread (a SIGTERM, a scheduler's
+    stop, would otherwise kill the sweep and leave its points and parent RUNNING)."""
+    raise _Signalled(signum)
 
 
 def find_or_create_parent(sweep: Sweep, uri: str) -> Any:
@@ -257,7 +239,7 @@ def run_sweep(path: str | Path, tracking_uri: str = "", parallel: int = 0, progr
     pool = ThreadPoolExecutor(max_workers=parallel or sweep.parallel)
     futures: list[Any] = []
     try:
-        with _stop_on_signals():
+        with signals_handled_by(_raise_signalled):
             futures = [pool.submit(_run_point, p, parent.run_id, uri, workdir) for p in todo]
             for fut in as_completed(futures):
                 point, code, tail = fut.result()
