@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     from fl.server_app import RunOptions
-    from fl.simulation import SimulationError, simulate
+    from fl.simulation import RayStartError, SimulationError, simulate
 
     print(f"fedprobe: {cfg.experiment.name}: {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds, "
           f"{cfg.model.label()} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with stop:
             summary = simulate(cfg, options, verbose=args.verbose)
+    except RayStartError as exc:
+        return _err(f"run failed: {exc}; nothing was started or logged", EXIT_FAILED)
     except SimulationError as exc:
         cause = exc.__cause__
         code = EXIT_USAGE if isinstance(cause, (ValueError, FileNotFoundError, KeyError)) else EXIT_FAILED

@@ -81,6 +81,10 @@ def preflight(cfg: Config, build: bool = True) -> None:
     if not cfg.federation.ray_address and cfg.federation.client_cpus > cpus:
         raise ConfigError(f"federation.client_cpus = {cfg.federation.client_cpus:g} exceeds this machine's {cpus} CPUs: "
                           "Ray could never place a client and the run would hang; lower it (e.g. 1)")
+    if cfg.federation.ray_address:  # a cluster that does not answer is found now, in seconds, not by Ray in minutes
+        from fl.ray_probe import check_cluster
+
+        check_cluster(cfg.federation.ray_address, cfg.federation.client_cpus, cfg.federation.client_gpus)
     attack_obj = None
     if cfg.attack.name not in ("", "none"):
         try:  # attack constructors only validate their parameters (no side effects)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,37 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
+class RayStartError(SimulationError):
+    """Ray did not start (or join its cluster): nothing ran, nothing was logged."""
+
+
+def start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` as Flower's ``RayBackend.init_ray`` calls it (which then finds Ray running and skips its own), but
+    here, where a failure becomes one :class:`RayStartError` line before any thread or MLflow run exists; left to
+    Flower, the same failure printed three chained tracebacks and the process lingered on for minutes (issue 16)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)  # Ray's workers inherit the environment, not this sys.path (as Flower)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    if init_args.get("address") == "local":  # this process's own Ray: ended with it, even when it is SIGKILLed
+        from fl.watchdog import watch_descendants
+
+        watch_descendants()
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    except Exception as exc:
+        ray.shutdown()  # whatever half-started
+        where = f"the cluster at {init_args['address']!r}" if init_args.get("address") != "local" else "locally"
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise RayStartError(f"Ray did not start {where}: {type(exc).__name__}: {detail} (Ray's logs: "
+                            f"{os.environ.get('RAY_TMPDIR', '/tmp')}/ray/session_latest/logs; `ray stop --force` "
+                            "clears a stale local instance)") from exc
+
+
 def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[str, Any], verbose: bool = False,
              run_config: dict[str, Any] | None = None) -> None:
     """Run a ServerApp (in a thread of this process) against ``num_clients`` simulated ClientApps on Ray.
@@ -97,6 +129,7 @@ def run_apps(server_app: Any, client_app: Any, num_clients: int, backend: dict[s
 
         quiet()
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    start_ray(backend.get("init_args", {}))
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {}))
     _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, backend_name="ray", backend_config=backend,

@@ -28,6 +28,11 @@ def test_run_joins_an_existing_ray_cluster(tmp_path):
         status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], capture_output=True,
                                 text=True, timeout=120)
         assert status.returncode == 0  # the cluster outlives the run: fedprobe joined it, did not start its own
+        # the cluster's resources are asked before the run: a client larger than the whole cluster would hang
+        proc = subprocess.run([str(BIN / "fedprobe"), "check", str(cfg), "--set", "federation.client_cpus=4",
+                               "--set", f"federation.ray_address='127.0.0.1:{port}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2 and "exceeds the 2 CPUs of the Ray cluster" in proc.stderr, proc.stderr[-2000:]
         # without ray_address the run starts a private instance beside the foreign cluster (issue 16), not joins it
         proc = subprocess.run([str(BIN / "fedprobe"), "run", str(cfg), "--no-progress", "--summary-json", str(summary),
                                "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],

@@ -5,6 +5,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,72 @@ def test_malformed_sweep_files_fail_in_one_line(tmp_path, capsys, line, message)
     assert main(["sweep", str(sweep)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# -- 7. Ray start-up failures are one line, in seconds ---------------------------------------------------------------
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{closed}", "nothing listens there (Connection refused)"),  # before: SystemExit after 323 s
+    ("127.0.0.1", "is not host:port"),
+    ("ray://127.0.0.1:99999", "is not host:port"),
+])
+def test_a_ray_address_nobody_answers_is_refused_before_the_run(tmp_path, monkeypatch, capsys, address, message):
+    from fl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    address = address.format(closed=_free_port())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nnum_clients = 4\n[data]\ndataset = \"digits\"\n")
+    code = main(["check", str(cfg), "--set", f"federation.ray_address='{address}'"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and repr(address) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_listener_that_is_not_ray_fails_the_probe_in_bounded_time():
+    """Something else on the port (here a socket that accepts and says nothing): Ray's own init would retry for
+    minutes and then end the process; the probe's subprocess gives up after its short GCS timeouts."""
+    import socket
+    import threading
+
+    from fl.config import ConfigError
+    from fl.ray_probe import probe_cluster
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    try:
+        with pytest.raises(ConfigError, match="no Ray cluster there") as info:
+            probe_cluster(address, timeout_s=120)
+        assert address in str(info.value) and "\n" not in str(info.value)
+    finally:
+        server.close()
+
+
+def test_a_local_ray_that_cannot_start_is_one_line_and_nothing_runs(tmp_path):
+    """Before: three chained tracebacks, and the process lived on for minutes (the ServerApp thread waited)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nnum_clients = 2\nrounds = 1\nlocal_steps = 1\n")
+    env = dict(__import__("os").environ, RAY_TMPDIR=str(tmp_path / "missing" / "tmp"))
+    (tmp_path / "missing").write_text("a file, so no folder can be made under it")
+    proc = subprocess.run([str(Path(sys.executable).parent / "fedprobe"), "run", str(cfg), "--no-progress",
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Ray did not start locally" in errors[0] and "nothing was started" in errors[0]
+    assert "Traceback" not in proc.stderr
