@@ -65,6 +65,10 @@ class Defense:
             raise TypeError(f"unexpected parameters {sorted(params)}")
 
     # client side -----------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError (one line, with the fix) when this defense cannot run on ``model``; called by
+        ``fedprobe run`` once the model is built, before Ray starts. No side effects."""
+
     def setup(self, ctx: ClientContext) -> None:
         """Before local training; may replace ctx.model / ctx.optimizer / ctx.loader."""
 

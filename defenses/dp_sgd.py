@@ -86,6 +86,50 @@ def _install_padding_aware_embedding_sampler() -> None:
     register_grad_sampler(torch.nn.Embedding)(sampler)
 
 
+def _install_vit_embeddings_sampler() -> None:
+    """A grad sampler for Hugging Face ``ViTEmbeddings``' own parameters (``cls_token``, ``position_embeddings``,
+    ``mask_token``). Opacus has none, so it falls back to functorch for the whole module, re-running the patch
+    convolution under ``vmap`` each step (~30 % of the grad-sample time, issue 19). Their per-sample gradients are
+    read off the module's output gradient instead: ``out = dropout(cat(cls, patches) + pos)``, so with dropout off
+    d pos_i = d out_i and d cls_i = d out_i[0]; the convolution keeps Opacus's own sampler. Active embedding
+    dropout is refused by :func:`_check_vit_embeddings` (Opacus's fallback failed there too: a random op under
+    ``vmap``), and so is an interpolated position encoding (idempotent; Opacus process-wide)."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.grad_sample.utils import register_grad_sampler
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+    if ViTEmbeddings in GradSampleHooks.GRAD_SAMPLERS:
+        return
+
+    def sampler(layer: Any, activations: Any, backprops: torch.Tensor) -> dict:
+        if backprops.shape[1:] != layer.position_embeddings.shape[1:]:
+            raise ValueError(f"dp_sgd: ViT embeddings of {backprops.shape[1]} tokens for "
+                             f"{layer.position_embeddings.shape[1]} position embeddings (an interpolated position "
+                             "encoding) have no per-example gradient here; train at the model's image size")
+        ret = {}
+        if layer.position_embeddings.requires_grad:
+            ret[layer.position_embeddings] = backprops.unsqueeze(1).contiguous()  # [B, 1, N+1, D]
+        if layer.cls_token.requires_grad:
+            ret[layer.cls_token] = backprops[:, :1].unsqueeze(1).contiguous()  # [B, 1, 1, D]
+        if layer.mask_token is not None and layer.mask_token.requires_grad:
+            # only a bool_masked_pos (a keyword the hooks never see) uses it; functorch gave zeros here too
+            ret[layer.mask_token] = torch.zeros(len(backprops), *layer.mask_token.shape, dtype=backprops.dtype,
+                                                device=backprops.device)
+        return ret
+
+    register_grad_sampler(ViTEmbeddings)(sampler)
+
+
+def _check_vit_embeddings(model: torch.nn.Module) -> None:
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+    for name, m in model.named_modules():
+        if isinstance(m, ViTEmbeddings) and m.dropout.p > 0:
+            raise ValueError(f"dp_sgd: dropout p={m.dropout.p:g} on the ViT embeddings ({name}) has no exact "
+                             "per-example gradient (its mask is not recorded); set "
+                             "model.params.hidden_dropout_prob = 0.0")
+
+
 def _prime_empty_batches(loader: Any) -> None:
     """Opacus learns the shape of an empty Poisson batch from the first non-empty one; when the very first batch is
     empty it returns a list of tensors typed after our dict examples and fails. Give it the structure up front (only
@@ -187,6 +231,9 @@ class DPSGD(Defense):
         return noise_multiplier_for(self.target_epsilon, self.delta, sample_rate,
                                     self.rounds * steps_per_round, self.accountant)
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        _check_vit_embeddings(model)
+
     def setup(self, ctx: ClientContext) -> None:
         from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
@@ -218,6 +265,8 @@ class DPSGD(Defense):
 
         model.train()
         _install_padding_aware_embedding_sampler()
+        _check_vit_embeddings(model)
+        _install_vit_embeddings_sampler()
         if "position_ids" in inspect.signature(model.forward).parameters:
             self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
 

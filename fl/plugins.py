@@ -94,7 +94,7 @@ def preflight(cfg: Config, build: bool = True) -> None:
     from defenses.base import DEFENSES
 
     try:  # defense constructors only validate their parameters (no side effects); registries() imported them
-        [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
+        defense_objs = [DEFENSES.create(d.name, **d.params) for d in cfg.defenses]
     except (TypeError, ValueError, ArithmeticError, RegistryError) as exc:
         raise ConfigError(f"defenses: {exc}".replace("\n", " ")) from None
     if cfg.audit.name not in ("", "none"):
@@ -133,6 +133,12 @@ def preflight(cfg: Config, build: bool = True) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"model ({cfg.model.family}, params {cfg.model.params}): {type(exc).__name__}: {first}") \
             from None
+    if build:  # what a defense cannot do on this model (dp_sgd: dropout on ViT embeddings)
+        for spec, defense in zip(cfg.defenses, defense_objs):
+            try:
+                defense.check_model(model)
+            except ValueError as exc:
+                raise ConfigError(f"defenses ({spec.name!r}): {exc}".replace("\n", " ")) from None
     if build and attack_obj is not None:  # names and sizes the attack needs from this model
         try:
             attack_obj.check_model(trainable_state(model))

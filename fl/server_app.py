@@ -50,12 +50,12 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     server hook: reply checks and the attack) -> aggregate_train -> central evaluation; what the run records
     (MLflow, checkpoints, resume, summary) is the :class:`fl.recorder.RunRecorder` beside it.
     """
-    from fl.data import load_federated
+    from fl.data import load_server_data
     from models import build_model, count_parameters, task_for
 
     options = options or RunOptions()
     seed_everything(cfg.experiment.seed)
-    data = load_federated(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)
+    data = load_server_data(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)  # the test split only
     task = task_for(cfg.model, data.task)  # how the model is called (a plain nn.Module: model(x))
     device = resolve_device(cfg.federation.device)
     model = build_model(cfg.model, task, seed=cfg.experiment.seed).to(device)

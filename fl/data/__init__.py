@@ -11,7 +11,7 @@ from fl.data import digits_subset as _digits_subset  # noqa: F401  (registers di
 from fl.data import local as _local  # noqa: F401  (registers image_folder, text_csv, text_jsonl, hf_disk)
 from fl.data import textgen as _textgen  # noqa: F401  (registers textgen, textgen_lm)
 from fl.data.base import DATASETS, ArrayDataset, DataError, LoadedData, collate, word_tokenizer
-from fl.data.federated import FederatedData, load_dataset, load_federated
+from fl.data.federated import FederatedData, ServerData, load_dataset, load_federated, load_server_data
 from fl.data.partition import PartitionError, dirichlet_partition, iid_partition, label_skew
 
 __all__ = [
@@ -21,11 +21,13 @@ __all__ = [
     "FederatedData",
     "LoadedData",
     "PartitionError",
+    "ServerData",
     "collate",
     "dirichlet_partition",
     "iid_partition",
     "label_skew",
     "load_dataset",
     "load_federated",
+    "load_server_data",
     "word_tokenizer",
 ]

@@ -23,23 +23,15 @@ from fl.registry import RegistryError
 from models.tasks import TaskSpec
 
 
-@dataclass
-class FederatedData:
-    """One dataset split for federated learning.
-
-    ``test`` is the held-out central test split; client ``pid`` owns the items
-    ``client_indices[pid]`` (indices into ``dataset``), of which a ``val_fraction`` share
-    (seeded by ``(seed, pid)``) is its local validation set.
-    """
+class _TestSplitView:
+    """What both views offer from the central test split: batching, decoding and the server's data-free priors."""
 
     task: TaskSpec
-    dataset: ArrayDataset
     test: Dataset
-    client_indices: list[np.ndarray]
-    val_fraction: float
-    seed: int
-    labels: np.ndarray | None = None
-    tokenizer: Any = None
+    tokenizer: Any
+
+    def test_labels(self) -> np.ndarray | None:
+        raise NotImplementedError
 
     @staticmethod
     def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -55,9 +47,9 @@ class FederatedData:
     def label_prior(self) -> list[float] | None:
         """Class frequencies of the central test split: the label prior the server itself holds
         (it evaluates on that split), used for the data-free ``attack_label_baseline``."""
-        if self.labels is None or self.task.kind == "lm" or self.task.num_classes <= 0:
+        test_labels = self.test_labels()
+        if test_labels is None or self.task.kind == "lm" or self.task.num_classes <= 0:
             return None
-        test_labels = self.labels[np.asarray(self.test.indices, dtype=np.int64)]
         counts = np.bincount(test_labels, minlength=self.task.num_classes)[: self.task.num_classes]
         return (counts / max(counts.sum(), 1)).tolist() if counts.sum() else None
 
@@ -74,6 +66,28 @@ class FederatedData:
             return None
         ids = torch.stack([self.test[i]["input_ids"] for i in range(len(self.test))])  # [N, L]
         return torch.mode(ids, dim=0).values  # [L]
+
+
+@dataclass
+class FederatedData(_TestSplitView):
+    """One dataset split for federated learning (what a client process loads).
+
+    ``test`` is the held-out central test split; client ``pid`` owns the items
+    ``client_indices[pid]`` (indices into ``dataset``), of which a ``val_fraction`` share
+    (seeded by ``(seed, pid)``) is its local validation set.
+    """
+
+    task: TaskSpec
+    dataset: ArrayDataset
+    test: Dataset
+    client_indices: list[np.ndarray]
+    val_fraction: float
+    seed: int
+    labels: np.ndarray | None = None
+    tokenizer: Any = None
+
+    def test_labels(self) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[np.asarray(self.test.indices, dtype=np.int64)]
 
     @property
     def num_partitions(self) -> int:
@@ -93,6 +107,21 @@ class FederatedData:
         """(client train, client val) datasets of client ``pid`` (val may be empty)."""
         train, val = self.partition_indices(pid)
         return Subset(self.dataset, train.tolist()), Subset(self.dataset, val.tolist())
+
+
+@dataclass
+class ServerData(_TestSplitView):
+    """What the server holds of the data: a copy of the central test split (it evaluates on it and takes its
+    data-free priors from it), the task and the tokenizer. Never the clients' partitions, nor the items behind
+    them: an attack plugin runs in the server's process, and there it must find no victim's data (issue 16)."""
+
+    task: TaskSpec
+    test: ArrayDataset
+    labels: np.ndarray | None = None  # of the test items
+    tokenizer: Any = None
+
+    def test_labels(self) -> np.ndarray | None:
+        return self.labels
 
 
 @lru_cache(maxsize=8)
@@ -136,7 +165,10 @@ def _test_split(n: int, labels: np.ndarray | None, fraction: float, seed: int) -
 @lru_cache(maxsize=16)
 def _load_federated(cfg_json: str, num_clients: int, seed: int) -> FederatedData:
     cfg = DataConfig.model_validate_json(cfg_json)
-    loaded = load_dataset(cfg.dataset, cfg.params)
+    return _split(cfg, load_dataset(cfg.dataset, cfg.params), num_clients, seed)
+
+
+def _split(cfg: DataConfig, loaded: LoadedData, num_clients: int, seed: int) -> FederatedData:
     n = len(loaded.data)
     labels = loaded.labels
     train_idx, test_idx = _test_split(n, labels, cfg.test_fraction, seed)
@@ -177,3 +209,27 @@ def load_federated(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
     if num_clients < 1:
         raise DataError(f"num_clients must be >= 1, got {num_clients}")
     return _load_federated(cfg.model_dump_json(), int(num_clients), int(seed))
+
+
+def load_server_data(cfg: DataConfig, num_clients: int, seed: int) -> ServerData:
+    """The server's view of ``load_federated(cfg, num_clients, seed)``: its test split, copied out of the whole
+    dataset, which is loaded here without the in-process caches and dropped before this returns (as are
+    whatever this process had cached, e.g. by the preflight), so nothing in the server's memory holds a
+    client's items."""
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    clear_caches()
+    full = _split(cfg, _load_raw.__wrapped__(cfg.dataset, json.dumps(cfg.params or {}, sort_keys=True)),
+                  int(num_clients), int(seed))
+    if isinstance(full.dataset, ArrayDataset):
+        idx = torch.as_tensor(np.asarray(full.test.indices, dtype=np.int64))
+        test = ArrayDataset({k: v.index_select(0, idx).clone() for k, v in full.dataset.tensors.items()})
+    else:  # a loader's own Dataset: its test items, stacked
+        test = ArrayDataset(collate([full.test[i] for i in range(len(full.test))]))
+    return ServerData(task=full.task, test=test, labels=full.test_labels(), tokenizer=full.tokenizer)
+
+
+def clear_caches() -> None:
+    """Forget every dataset and split this process loaded (``load_dataset``, ``load_federated``)."""
+    _load_raw.cache_clear()
+    _load_federated.cache_clear()

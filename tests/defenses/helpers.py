@@ -93,3 +93,16 @@ def fresh_ctx(**kw: Any) -> ClientContext:
     """A context for hooks that only need the round bookkeeping (transform_update, accounting)."""
     model = torch.nn.Linear(2, 2)
     return make_ctx(model, TaskSpec("image", num_classes=2), [{"pixel_values": torch.zeros(2), "labels": torch.tensor(0)}] * 4, **kw)
+
+
+def per_example_grads(model: torch.nn.Module, task: TaskSpec, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: [B, *shape]} gradients of each trainable parameter, one backward per single example (the reference
+    Opacus's per-sample gradients must equal); leaves the model's grads zeroed."""
+    ref: list[dict[str, torch.Tensor]] = []
+    for i in range(len(batch["labels"])):
+        model.zero_grad()
+        bi = {k: v[i:i + 1] for k, v in batch.items()}
+        per_example_loss(logits_of(model, bi), bi["labels"], task).mean().backward()
+        ref.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad()
+    return {n: torch.stack([r[n] for r in ref]) for n in ref[0]}

@@ -6,7 +6,7 @@ import torch
 from defenses.accounting import epsilon
 from defenses.dp_sgd import DPSGD
 from models.tasks import logits_of, per_example_loss
-from tests.defenses.helpers import make_ctx, run_round, tiny
+from tests.defenses.helpers import make_ctx, per_example_grads, run_round, tiny
 
 torch.set_num_threads(1)
 
@@ -16,20 +16,14 @@ def test_per_sample_grads_equal_per_example_loop(family):
     """Under dp_sgd's setup, Opacus's per-sample gradients of HF models equal a loop over single examples."""
     model, task, data = tiny(family)
     batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
-    ref = []
-    for i in range(4):
-        model.zero_grad()
-        bi = {k: v[i:i + 1] for k, v in batch.items()}
-        per_example_loss(logits_of(model, bi), bi["labels"], task).mean().backward()
-        ref.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    model.zero_grad()
+    ref = per_example_grads(model, task, batch)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
     d.setup(ctx)
     per_example_loss(logits_of(ctx.model, batch), batch["labels"], task).mean().backward()
-    scale = max(max(r[n].abs().max().item() for r in ref) for n, _ in model.named_parameters())
+    scale = max(r.abs().max().item() for r in ref.values())
     for n, p in model.named_parameters():
-        expect = torch.stack([r[n] for r in ref])
+        expect = ref[n]
         assert p.grad_sample.shape == expect.shape, n  # position embeddings: [B, ...], not [1, ...] (Opacus #841)
         assert (p.grad_sample - expect).abs().max().item() <= 1e-5 * scale, n
     d.after_training(ctx)
@@ -135,3 +129,38 @@ def test_batchnorm_model_is_rejected_clearly():
     ctx = make_ctx(model, TaskSpec("image", num_classes=2), [{"pixel_values": torch.zeros(2), "labels": torch.tensor(0)}] * 4)
     with pytest.raises(ValueError, match="BatchNorm"):
         DPSGD(noise_multiplier=1.0).setup(ctx)
+
+
+def test_vit_embeddings_sampler_equals_the_per_example_loop_without_functorch():
+    """fedprobe's grad sampler for ViTEmbeddings (issue 19: Opacus re-ran the patch convolution under functorch)
+    reads the cls/position gradients off the output gradient: equal to a loop over single examples, and functorch
+    is never prepared for the module."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+    model, task, data = tiny("vit")
+    emb = next(m for m in model.modules() if isinstance(m, ViTEmbeddings))
+    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    ref = per_example_grads(model, task, batch)
+    ctx = make_ctx(model, task, data)
+    d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    d.setup(ctx)
+    assert ViTEmbeddings in GradSampleHooks.GRAD_SAMPLERS
+    per_example_loss(logits_of(ctx.model, batch), batch["labels"], task).mean().backward()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in emb.parameters():
+        n, expect = names[id(p)], ref[names[id(p)]]
+        assert p.grad_sample.shape == expect.shape, n
+        assert torch.allclose(p.grad_sample, expect, atol=1e-6, rtol=1e-5), n
+    assert not hasattr(emb, "ft_compute_sample_grad")  # Opacus's functorch fallback was not used
+    d.after_training(ctx)
+
+
+def test_vit_embedding_dropout_is_refused_in_one_line():
+    """Opacus's fallback failed here with a vmap randomness error inside backward; now setup says why and the fix."""
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+    model, task, data = tiny("vit")
+    next(m for m in model.modules() if isinstance(m, ViTEmbeddings)).dropout.p = 0.1
+    with pytest.raises(ValueError, match="hidden_dropout_prob = 0.0"):
+        DPSGD(noise_multiplier=1.0, max_grad_norm=1.0).setup(make_ctx(model, task, data))

@@ -6,7 +6,7 @@ import torch
 from defenses.accounting import epsilon
 from defenses.dp_sgd import DPSGD
 from models.tasks import logits_of, per_example_loss
-from tests.defenses.helpers import make_ctx, run_round, tiny
+from tests.defenses.helpers import make_ctx, per_example_grads, run_round, tiny
 
 torch.set_num_threads(1)
 
@@ -40,20 +40,14 @@ def test_lora_adapter_per_sample_grads_and_training():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
     batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
-    ref = []
-    for i in range(4):
-        model.zero_grad()
-        bi = {k: v[i:i + 1] for k, v in batch.items()}
-        per_example_loss(logits_of(model, bi), bi["labels"], task).mean().backward()
-        ref.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    model.zero_grad()
+    ref = per_example_grads(model, task, batch)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
     d.setup(ctx)
     per_example_loss(logits_of(model, batch), batch["labels"], task).mean().backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p.grad_sample, torch.stack([r[n] for r in ref]), atol=1e-6), n
+            assert torch.allclose(p.grad_sample, ref[n], atol=1e-6), n
     d.after_training(ctx)
     ctx = make_ctx(model, task, data)
     update = run_round(ctx, [DPSGD(noise_multiplier=1.0, noise_seed=0)])

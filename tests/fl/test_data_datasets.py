@@ -266,3 +266,27 @@ def test_token_prior_is_each_positions_most_frequent_test_token():
         counts = torch.bincount(ids[:, p])
         assert counts[prior[p]] == counts.max()
     assert load_federated(DataConfig(dataset="digits"), 4, 0).token_prior() is None
+
+
+@pytest.mark.parametrize("dataset", ["digits", "textgen_lm"])
+def test_server_data_is_the_test_split_alone_with_the_same_priors(dataset):
+    """The server's view (issue 16): the same test items and data-free priors as the full view, as a copy that
+    shares no storage with the whole dataset, and with nothing of the clients' partitions."""
+    from fl.data import load_server_data
+    from fl.data.federated import _load_federated
+
+    cfg = DataConfig(dataset=dataset)
+    full = load_federated(cfg, 4, 0)
+    server = load_server_data(cfg, 4, 0)
+    assert _load_federated.cache_info().currsize == 0  # what this process had cached is forgotten
+    assert len(server.test) == len(full.test) < len(full.dataset)
+    for i in (0, len(full.test) // 2, len(full.test) - 1):
+        a, b = full.test[i], server.test[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert server.label_prior() == full.label_prior()
+    for prior in ("image_prior", "token_prior"):
+        x, y = getattr(full, prior)(), getattr(server, prior)()
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y))
+    whole = {t.untyped_storage().data_ptr() for t in full.dataset.tensors.values()}
+    assert not whole & {t.untyped_storage().data_ptr() for t in server.test.tensors.values()}
+    assert not any(hasattr(server, name) for name in ("client_indices", "dataset", "partition"))

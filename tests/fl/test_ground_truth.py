@@ -87,3 +87,52 @@ def test_store_round_trip_is_private_and_read_once(tmp_path):
 
     with pytest.raises(ValueError, match="bad ground-truth token"):
         ground_truth.path(tmp_path, "../x", 1, 0)
+
+
+class MemorySnoop(Snoop):
+    """Walks the server process's whole object graph (``gc``) for data: a client's partition, the whole dataset."""
+
+    def attack(self, obs: Observation) -> Reconstruction:
+        import gc
+        import json
+        import os
+
+        from fl.data import ArrayDataset, FederatedData, LoadedData
+        from fl.data.federated import _load_federated, _load_raw
+
+        gc.collect()
+        objects = gc.get_objects()
+        found = {"federated": sum(isinstance(o, FederatedData) for o in objects),
+                 "loaded": sum(isinstance(o, LoadedData) for o in objects),
+                 "array_datasets": sorted(len(o) for o in objects if isinstance(o, ArrayDataset)),
+                 "cached": _load_federated.cache_info().currsize + _load_raw.cache_info().currsize}
+        with open(os.environ["SNOOP_OUT"], "a") as fh:
+            fh.write(json.dumps(found) + "\n")
+        return super().attack(obs)
+
+
+def test_the_server_process_holds_no_clients_data(tmp_path):
+    """Before (issue 16): the server held the whole dataset and every partition's indices (``run_federation``'s
+    ``data``, and ``load_federated``'s cache filled by the preflight); now only a copy of the test split."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fl.config import DataConfig
+    from fl.data import load_federated
+
+    (tmp_path / "c.toml").write_text(CFG.replace("test_ground_truth:Snoop", "test_ground_truth:MemorySnoop"))
+    out = tmp_path / "snoop.jsonl"
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SNOOP_OUT=str(out), PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([str(Path(sys.executable).parent / "fedprobe"), "run", "c.toml", "--no-progress",
+                           "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads(line) for line in out.read_text().splitlines()]
+    n_test = len(load_federated(DataConfig(), 2, 0).test)
+    assert len(seen) == 2
+    for s in seen:
+        assert s["federated"] == 0 and s["loaded"] == 0 and s["cached"] == 0, s
+        assert s["array_datasets"] and max(s["array_datasets"]) == n_test, s  # the test split, nothing larger
