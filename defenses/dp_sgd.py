@@ -265,7 +265,7 @@ class DPSGD(Defense):
 
         model.train()
         _install_padding_aware_embedding_sampler()
-        _check_vit_embeddings(model)
+        self.check_model(model)  # also where no preflight ran (a user's own Flower app)
         _install_vit_embeddings_sampler()
         if "position_ids" in inspect.signature(model.forward).parameters:
             self._pos_handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)

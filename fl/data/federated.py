@@ -165,10 +165,7 @@ def _test_split(n: int, labels: np.ndarray | None, fraction: float, seed: int) -
 @lru_cache(maxsize=16)
 def _load_federated(cfg_json: str, num_clients: int, seed: int) -> FederatedData:
     cfg = DataConfig.model_validate_json(cfg_json)
-    return _split(cfg, load_dataset(cfg.dataset, cfg.params), num_clients, seed)
-
-
-def _split(cfg: DataConfig, loaded: LoadedData, num_clients: int, seed: int) -> FederatedData:
+    loaded = load_dataset(cfg.dataset, cfg.params)
     n = len(loaded.data)
     labels = loaded.labels
     train_idx, test_idx = _test_split(n, labels, cfg.test_fraction, seed)
@@ -213,19 +210,15 @@ def load_federated(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
 
 def load_server_data(cfg: DataConfig, num_clients: int, seed: int) -> ServerData:
     """The server's view of ``load_federated(cfg, num_clients, seed)``: its test split, copied out of the whole
-    dataset, which is loaded here without the in-process caches and dropped before this returns (as are
-    whatever this process had cached, e.g. by the preflight), so nothing in the server's memory holds a
-    client's items."""
-    if num_clients < 1:
-        raise DataError(f"num_clients must be >= 1, got {num_clients}")
-    clear_caches()
-    full = _split(cfg, _load_raw.__wrapped__(cfg.dataset, json.dumps(cfg.params or {}, sort_keys=True)),
-                  int(num_clients), int(seed))
+    dataset; then this process's caches are cleared (the preflight filled them), so once this returns nothing in
+    the server's memory holds a client's items."""
+    full = load_federated(cfg, num_clients, seed)  # the preflight's split, when it ran in this process
     if isinstance(full.dataset, ArrayDataset):
         idx = torch.as_tensor(np.asarray(full.test.indices, dtype=np.int64))
         test = ArrayDataset({k: v.index_select(0, idx).clone() for k, v in full.dataset.tensors.items()})
     else:  # a loader's own Dataset: its test items, stacked
         test = ArrayDataset(collate([full.test[i] for i in range(len(full.test))]))
+    clear_caches()
     return ServerData(task=full.task, test=test, labels=full.test_labels(), tokenizer=full.tokenizer)
 
 

@@ -7,15 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-
 
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -63,14 +62,13 @@ def test_a_process_that_is_not_a_descendant_is_left_alone():
 
 
 def _session(sid: int) -> list[str]:
+    """Command lines of the live processes of session ``sid`` (the run's, started with ``start_new_session``)."""
     found = []
-    for name in os.listdir("/proc"):
+    for p in psutil.process_iter():
         try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
-        except (OSError, ValueError, IndexError):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(p.cmdline())[:80])
+        except (psutil.Error, OSError):
             continue
     return found
 
