@@ -31,6 +31,9 @@ Project choices:
 * ``target_epsilon`` is calibrated once for the whole run assuming the client trains in
   every one of ``rounds`` rounds with this round's number of local steps (conservative:
   a client sampled less often spends less).
+* ``clipping = "per_layer"`` clips each of the L parameter tensors to C / sqrt(L) (Opacus takes one threshold
+  per tensor), so a whole per-example gradient still has norm <= C and the noise is calibrated as for flat
+  clipping; ``dp_clip_fraction`` is reported for flat clipping only (NaN for per_layer).
 * The model must have no BatchNorm (Opacus cannot clip per example through it); the
   project's transformers use LayerNorm.
 """
@@ -141,6 +144,45 @@ def _prime_empty_batches(loader: Any) -> None:
         collate.first_batch = inner(example) if inner is not None else example
 
 
+def _count_clipped(optimizer: Any, count: Any) -> bool:
+    """Make a flat-clipping ``DPOptimizer`` hand its per-sample norms to ``count`` as it clips.
+
+    Opacus 1.6's ``DPOptimizer.clip_and_accumulate`` computes the norms in a local variable and keeps nothing, so
+    the clip fraction needed a second pass over every per-sample gradient each step (issue 19 point 2). This
+    replaces that one method on this instance with the same computation (norms, clip factor C / (norm + 1e-6)
+    clamped at 1, einsum into ``p.summed_grad``; ``tests/defenses/test_dp_sgd.py`` checks it against Opacus's) that
+    also counts. Returns False, changing nothing, for any other optimizer class (per-layer, distributed, ...).
+    """
+    import types
+
+    from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+    if type(optimizer) is not DPOptimizer:
+        return False
+    original = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate(self: Any) -> None:
+        if len(self.grad_samples[0]) == 0:  # empty Poisson batch: Opacus's own path
+            return original()
+        per_param_norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]  # each [B]
+        device = per_param_norms[0].device
+        norms = torch.stack([n.to(device) for n in per_param_norms], dim=1).norm(2, dim=1)  # [B]
+        count(norms)
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # [B]
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)  # [B, *p.shape]
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device).to(p.dtype), grad_sample)  # [*p.shape]
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
+
+    optimizer.clip_and_accumulate = types.MethodType(clip_and_accumulate, optimizer)
+    return True
+
+
 def seeded_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator from (seed, round, client): reproducible noise for tests only."""
     h = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
@@ -216,6 +258,7 @@ class DPSGD(Defense):
         self._steps = 0
         self._clipped = 0.0
         self._seen = 0
+        self._counting = False  # whether _count_clipped counts this round's clipped examples
         self._sigma = 0.0
         self._q = 0.0
         self._releases = 0
@@ -277,10 +320,12 @@ class DPSGD(Defense):
             generator = private_generator("dp_sgd-noise", ctx.server_round, ctx.partition_id, device=ctx.device)
             sampling = private_generator("dp_sgd-sampling", ctx.server_round, ctx.partition_id)
         if not self.secure_mode:
-            from opacus.data_loader import switch_generator
-
-            if getattr(getattr(ctx.loader, "sampler", None), "generator", None) is not None:  # a shuffled loader
-                ctx.loader = switch_generator(data_loader=ctx.loader, generator=sampling)
+            sampler = getattr(ctx.loader, "batch_sampler", None)
+            sampler = getattr(sampler, "sampler", sampler)
+            if hasattr(sampler, "generator"):  # a shuffled loader (its own generator or none): order from ours
+                # in place, as Opacus's switch_generator does before it rebuilds the loader (which fails for
+                # drop_last=True: "batch_sampler option is mutually exclusive with ... drop_last")
+                sampler.generator = sampling
             ctx.loader.generator = sampling  # DPDataLoader.from_data_loader draws its Poisson masks from it
         with warnings.catch_warnings():  # "Secure RNG turned off": secure_mode is a documented option
             warnings.simplefilter("ignore", UserWarning)
@@ -289,7 +334,7 @@ class DPSGD(Defense):
                                    secure_mode=self.secure_mode)
         hooks, optimizer, loader = engine.make_private(
             module=model, optimizer=ctx.optimizer, data_loader=ctx.loader,
-            noise_multiplier=self._sigma, max_grad_norm=self.max_grad_norm,
+            noise_multiplier=self._sigma, max_grad_norm=self._clip_norms(ctx.optimizer),
             poisson_sampling=self.poisson_sampling, clipping=self.clipping,
             grad_sample_mode=self.grad_sample_mode, noise_generator=generator, wrap_model=False,
         )
@@ -297,18 +342,27 @@ class DPSGD(Defense):
         _prime_empty_batches(loader)
         self._expected_batch = optimizer.expected_batch_size
         optimizer.attach_step_hook(self._on_step)  # replaces the engine's accountant hook: our ledger accounts
+        self._counting = _count_clipped(optimizer, self._count)  # flat DPOptimizer: clip fraction at no extra cost
         ctx.optimizer, ctx.loader = optimizer, loader
 
+    def _clip_norms(self, optimizer: Any) -> float | list[float]:
+        """Opacus's ``max_grad_norm``: C (flat), or C / sqrt(L) for each of the L parameter tensors (per_layer), so
+        the whole clipped gradient still has norm <= C and the noise N(0, sigma^2 C^2) calibrates as for flat."""
+        if self.clipping == "flat":
+            return self.max_grad_norm
+        from opacus.optimizers.utils import params
+
+        n = len(params(optimizer))
+        return [self.max_grad_norm / math.sqrt(n)] * n
+
     def _on_step(self, optimizer: Any) -> None:
-        """Called by DPOptimizer after clip + noise: count the step, measure the clip fraction."""
+        """Called by DPOptimizer after clip + noise: count the step."""
         self._steps += 1
-        gs = optimizer.grad_samples
-        if gs and len(gs[0]) > 0:
-            with torch.no_grad():
-                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
-                if self.clipping == "flat":
-                    self._clipped += float((norms > self.max_grad_norm).sum())
-                self._seen += len(norms)
+
+    def _count(self, per_sample_norms: torch.Tensor) -> None:
+        """Called by the clipping itself (:func:`_count_clipped`) with the norms Opacus clips with, [B]."""
+        self._clipped += float((per_sample_norms > self.max_grad_norm).sum())
+        self._seen += len(per_sample_norms)
 
     def after_training(self, ctx: ClientContext) -> None:
         if self._refused:
@@ -329,7 +383,7 @@ class DPSGD(Defense):
             "dp_noise_multiplier": self._sigma,
             # std of the noise in each coordinate of one averaged gradient: sigma * C / E[B]
             "dp_noise_std": self._sigma * self.max_grad_norm / max(self._expected_batch, 1),
-            "dp_clip_fraction": self._clipped / self._seen if self._seen and self.clipping == "flat" else float("nan"),
+            "dp_clip_fraction": self._clipped / self._seen if self._seen and self._counting else float("nan"),
             "dp_steps": float(self._steps),
             "dp_total_steps": float(ledger.steps),
             "dp_sample_rate": self._q,  # the accounted rate: 1/len(loader) (Poisson) or 1 (shuffled batches)

@@ -84,6 +84,75 @@ def test_target_epsilon_is_met_after_all_rounds_and_clip_fraction():
     assert ctx.metrics["dp_clip_fraction"] == 1.0  # every per-example gradient exceeds C = 1e-4
 
 
+def test_counting_clip_equals_opacus_clip_and_its_fraction_the_recomputed_one():
+    """The flat clip that counts (issue 19: no second pass over the norms) accumulates what Opacus's own
+    clip_and_accumulate does, and counts the examples whose norm exceeds C."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    model, task, data = tiny("vit")
+    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    norms = torch.cat([g.flatten(1) for g in per_example_grads(model, task, batch).values()], 1).norm(dim=1)  # [B]
+    C = float(norms.sort().values[1:3].mean())  # between the 2nd and 3rd norm: two examples clipped, two not
+    ctx = make_ctx(model, task, data)
+    d = DPSGD(noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False)
+    d.setup(ctx)
+    assert type(ctx.optimizer) is DPOptimizer and d._counting
+    per_example_loss(logits_of(ctx.model, batch), batch["labels"], task).mean().backward()
+    ctx.optimizer.clip_and_accumulate()
+    ours = [p.summed_grad.clone() for p in ctx.optimizer.params]
+    for p in ctx.optimizer.params:
+        p.summed_grad = None
+        del p.grad_sample._processed  # Opacus's guard against using one per-sample gradient twice
+    DPOptimizer.clip_and_accumulate(ctx.optimizer)  # Opacus's own, on the same per-sample gradients
+    for a, p in zip(ours, ctx.optimizer.params):
+        assert torch.equal(a, p.summed_grad)
+    assert d._seen == 4 and d._clipped == 2.0
+    d.after_training(ctx)
+
+
+def test_per_layer_clipping_splits_C_over_the_layers_and_reports_no_clip_fraction():
+    """per_layer: each of the L parameter tensors is clipped to C / sqrt(L) (Opacus needs one threshold per tensor;
+    a single float crashed inside training), so the whole gradient's norm and the noise scale stay C."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    C = 1e-3  # small enough that every layer of every example is clipped
+    model, task, data = tiny("vit")
+    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    ctx = make_ctx(model, task, data)
+    d = DPSGD(noise_multiplier=0.0, max_grad_norm=C, clipping="per_layer", poisson_sampling=False)
+    d.setup(ctx)
+    L = len(ctx.optimizer.params)
+    assert type(ctx.optimizer) is not DPOptimizer and not d._counting
+    assert ctx.optimizer.max_grad_norm == pytest.approx(C)  # sqrt(L * (C / sqrt(L))^2): the noise's sensitivity
+    per_example_loss(logits_of(ctx.model, batch), batch["labels"], task).mean().backward()
+    ctx.optimizer.clip_and_accumulate()
+    for p in ctx.optimizer.params:  # the sum of 4 clipped gradients, each of norm C / sqrt(L)
+        assert p.summed_grad.norm().item() <= 4 * C / math.sqrt(L) * (1 + 1e-4)
+    d.after_training(ctx)
+
+    ctx = make_ctx(model, task, data)
+    run_round(ctx, [DPSGD(noise_multiplier=1.0, clipping="per_layer", noise_seed=0)])
+    assert math.isnan(ctx.metrics["dp_clip_fraction"]) and ctx.metrics["dp_steps"] == 4
+    assert ctx.metrics["epsilon"] == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_shuffled_drop_last_loader_trains_in_the_private_order(poisson):
+    """A user's loader with shuffle and drop_last (Opacus's switch_generator fails on it) trains, and its order
+    comes from the client's generator: the same noise_seed gives the same update, another seed another one."""
+    from torch.utils.data import DataLoader
+
+    updates = []
+    for seed in (0, 0, 1):
+        model, task, data = tiny("vit")
+        ctx = make_ctx(model, task, data[:10])
+        ctx.loader = DataLoader(data[:10], batch_size=3, shuffle=True, drop_last=True)
+        updates.append(run_round(ctx, [DPSGD(noise_multiplier=0.0, poisson_sampling=poisson, noise_seed=seed)]))
+        assert ctx.metrics["dp_steps"] == 3
+    assert all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0])
+    assert not all(torch.equal(updates[0][k], updates[2][k]) for k in updates[0])
+
+
 def test_prv_accountant_and_gpt2_train():
     model, task, data = tiny("gpt2")
     ctx = make_ctx(model, task, data)
