@@ -9,7 +9,7 @@ TORCH_VERSION = 2.13.0
 TORCH_INDEX ?=
 STAMP   = $(VENV)/.fedprobe-installed
 
-.PHONY: setup quickstart quickstart-text test test-slow test-all bench-deps clean
+.PHONY: setup quickstart quickstart-text test test-slow test-all bench-deps bench-pfl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ BENCH_DEPS = .bench-deps
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_DEPS) breaching==0.1.2 hydra-core==1.3.2 \
 		omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+
+# benchmarks/bench_vs_pfl.py: Apple's pfl 0.6.0 in a folder of its own (its pins clash with fedprobe's: dp-accounting
+# < 0.6); run it with PYTHONPATH=.bench-pfl
+BENCH_PFL = .bench-pfl
+bench-pfl: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(BENCH_PFL) pfl==0.6.0 prv-accountant==0.2.0
 
 clean:
 	rm -rf $(VENV) fedprobe-output mlflow.db mlruns

@@ -177,8 +177,11 @@ class RunRecorder:
         """Checkpoint, then log: a kill in between is repaired on resume, never logged twice."""
         self.history.append({"round": rnd, **metrics})
         self.checkpoint(rnd, metrics, global_state, hook_state)
-        self.tracker.log_metrics(metrics, step=rnd)
-        _log_attack_rows(self.tracker, attack_rows, rnd)
+        # one MLflow batch per round: the round's metrics and every victim's (a kill cannot split them)
+        self.tracker.log_metrics({**metrics, **_per_victim_metrics(attack_rows)}, step=rnd)
+        for row in attack_rows:
+            for path in row.get("artifacts", []):
+                self.tracker.log_artifact(path, f"attacks/round_{rnd}")
 
     def finish(self, status: str, global_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """``final_*``, ``summary.json``, the run's status; returns the summary. Never raises (tracking must not hide
@@ -224,11 +227,8 @@ def close_run(tracker: Tracker, summary: dict[str, Any], step: int) -> None:
         log.error("could not finalise MLflow run %s: %s", tracker.run_id, exc)
 
 
-def _log_attack_rows(tracker: Tracker, rows: list[dict[str, Any]], rnd: int) -> None:
-    for row in rows:
-        pid = row["client"]
-        # one "per_victim" chart section in MLflow, below the run's headline metrics
-        tracker.log_metrics({f"per_victim/{k}/client_{pid}": v for k, v in row.items()
-                             if k.startswith("attack_") and isinstance(v, float)}, step=rnd)
-        for path in row.get("artifacts", []):
-            tracker.log_artifact(path, f"attacks/round_{rnd}")
+def _per_victim_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each victim's attack scores as ``per_victim/<metric>/client_<id>``: one "per_victim" chart section in MLflow,
+    below the run's headline metrics."""
+    return {f"per_victim/{k}/client_{row['client']}": v for row in rows for k, v in row.items()
+            if k.startswith("attack_") and isinstance(v, float)}

@@ -219,8 +219,11 @@ class Tracker:
         return any(m.step == step for m in self.client.get_metric_history(self.run_id, key))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # one write per 100 tags, as log_params
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
