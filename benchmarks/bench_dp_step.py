@@ -4,8 +4,8 @@ recomputed norms").
 
 A round is what a client's defense adds around training, timed whole: the DP set-up (``make_private``), one epoch
 over the client's partition (B = 16, shuffled batches as fl/training.py makes them, not Poisson, so every
-variant does the same work; SGD), and the epsilon after the round, each phase timed. The model is built outside the timed window; the Flower client app around it is
-``bench_overhead.py``'s business. Variants:
+variant does the same work; SGD), and the epsilon after the round, each phase timed. The model is built outside the
+timed window; the Flower client app around it is ``bench_overhead.py``'s business. Variants:
 
 * ``fedprobe dp_sgd``: ``defenses.dp_sgd.DPSGD`` (hooks on the module, ``wrap_model=False``, its ViTEmbeddings grad
   sampler, the clip fraction counted inside Opacus's clipping, epsilon from the cached ledger);
@@ -20,8 +20,8 @@ variant does the same work; SGD), and the epsilon after the round, each phase ti
   the same per-sample maths);
 * ``no DP``: the bare loop.
 
-Variants run in blocks, each block in a shuffled order (seeded), one torch thread; each figure is the median over blocks of the block's ratio to
-the plain Opacus loop, so a busy machine slows every variant of a block alike.
+Variants run in blocks, each block in a shuffled order (seeded), one torch thread; each figure is the median over
+blocks of the block's ratio to the plain Opacus loop, so a busy machine slows every variant of a block alike.
 
 The clipping alone is then timed on one batch's per-sample gradients (fedprobe's counting clip, Opacus's clip plus
 the norms recomputed as before, Opacus's clip alone), where a ~4 % effect is not lost in a round's noise.
@@ -92,9 +92,7 @@ def norms_recomputed(on: bool):
         gs = optimizer.grad_samples
         if gs and len(gs[0]) > 0:
             with torch.no_grad():
-                norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
-                self._clipped += float((norms > self.max_grad_norm).sum())
-                self._seen += len(norms)
+                self._count(dp_sgd.per_sample_norms(gs))
 
     dp_sgd._count_clipped = lambda optimizer, count: False
     DPSGD._on_step = on_step
@@ -104,15 +102,20 @@ def norms_recomputed(on: bool):
         dp_sgd._count_clipped, DPSGD._on_step = real_count, real_hook
 
 
-def train(model, optimizer, loader, task) -> int:
-    steps = 0
+def train(model, optimizer, loader, task) -> None:
     model.train()
     for b in loader:
         optimizer.zero_grad(set_to_none=True)
         per_example_loss(logits_of(model, b), b["labels"], task).mean().backward()
         optimizer.step()
-        steps += 1
-    return steps
+
+
+def client_ctx(model, loader, train_set, task, batch: int) -> ClientContext:
+    """Client 0's round-1 context, one epoch."""
+    return ClientContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loader=loader,
+                         server_round=1, partition_id=0, num_examples=len(train_set),
+                         sample_rate=batch / len(train_set), local_steps=0, epochs=1, device=torch.device("cpu"),
+                         task=task, sampled_fraction=1.0, state={})
 
 
 def round_(variant: str, cfg, data, task, batch: int) -> tuple[list[float], float]:
@@ -122,9 +125,9 @@ def round_(variant: str, cfg, data, task, batch: int) -> tuple[list[float], floa
     train_set, _ = data.partition(0)
     loader = DataLoader(train_set, batch_size=batch, shuffle=True, collate_fn=data.collate,
                         generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = client_ctx(model, loader, train_set, task, batch)
     eps = float("nan")
-    with vit_sampler("sampler" in variant or variant in ("fedprobe dp_sgd", "fedprobe, norms recomputed")), \
+    with vit_sampler(variant not in ("plain Opacus", "fedprobe, Opacus fallback")), \
             norms_recomputed(variant == "fedprobe, norms recomputed"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         gc.collect()  # the previous round's garbage is not this round's cost
@@ -133,7 +136,7 @@ def round_(variant: str, cfg, data, task, batch: int) -> tuple[list[float], floa
             from opacus import PrivacyEngine
 
             engine = PrivacyEngine()
-            gsm, dpo, dl = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+            gsm, dpo, dl = engine.make_private(module=model, optimizer=ctx.optimizer, data_loader=loader,
                                                noise_multiplier=SIGMA, max_grad_norm=C, poisson_sampling=False)
             t1 = time.process_time()
             train(gsm, dpo, dl, task)
@@ -141,12 +144,9 @@ def round_(variant: str, cfg, data, task, batch: int) -> tuple[list[float], floa
             eps = engine.get_epsilon(DELTA)
         elif variant == "no DP":
             t1 = time.process_time()
-            train(model, opt, loader, task)
+            train(model, ctx.optimizer, loader, task)
             t2 = time.process_time()
         else:
-            ctx = ClientContext(model=model, optimizer=opt, loader=loader, server_round=1, partition_id=0,
-                                num_examples=len(train_set), sample_rate=batch / len(train_set), local_steps=0,
-                                epochs=1, device=torch.device("cpu"), task=task, sampled_fraction=1.0, state={})
             dp = DPSGD(noise_multiplier=SIGMA, max_grad_norm=C, delta=DELTA, poisson_sampling=False, noise_seed=0)
             dp.setup(ctx)
             t1 = time.process_time()
@@ -168,9 +168,7 @@ def clip_phase(cfg, data, task, batch: int, reps: int) -> dict[str, float]:
     model = build_model(cfg.model, task, seed=0)
     train_set, _ = data.partition(0)
     loader = DataLoader(train_set, batch_size=batch, shuffle=False, collate_fn=data.collate)
-    ctx = ClientContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loader=loader,
-                        server_round=1, partition_id=0, num_examples=len(train_set), sample_rate=batch / len(train_set),
-                        local_steps=0, epochs=1, device=torch.device("cpu"), task=task, sampled_fraction=1.0, state={})
+    ctx = client_ctx(model, loader, train_set, task, batch)
     with vit_sampler(True), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dp = DPSGD(noise_multiplier=SIGMA, max_grad_norm=C, poisson_sampling=False, noise_seed=0)
@@ -182,9 +180,7 @@ def clip_phase(cfg, data, task, batch: int, reps: int) -> dict[str, float]:
 
         def recompute() -> None:
             theirs()
-            gs = opt.grad_samples
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
-            float((norms > C).sum())
+            float((dp_sgd.per_sample_norms(opt.grad_samples) > C).sum())
 
         fns = {"fedprobe (counts while clipping)": opt.clip_and_accumulate, "Opacus + norms recomputed (before)":
                recompute, "Opacus alone (no clip fraction)": theirs}
@@ -245,7 +241,8 @@ def main() -> None:
     print(f"norms-recomputed/fedprobe DP steps CPU ratio: "
           f"{ratio('fedprobe, norms recomputed', 'fedprobe dp_sgd', slice(1, 2)):.3f}")
     clip = clip_phase(cfg, data, task, args.batch, args.clip_reps)
-    print(f"\nthe clipping alone, one batch of B = {args.batch} per-sample gradients, {args.clip_reps} interleaved repeats:")
+    print(f"\nthe clipping alone, one batch of B = {args.batch} per-sample gradients, "
+          f"{args.clip_reps} interleaved repeats:")
     print("| clipping | CPU ms (median) |")
     print("|---|---|")
     for k, v in clip.items():

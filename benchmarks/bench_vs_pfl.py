@@ -146,9 +146,9 @@ def main() -> None:
                 start = time.perf_counter()
                 got[side] = run_pfl(cfg) if side == "pfl" else bo.run_fedprobe(cfg, uri)
                 run, steady = got[side]["run"], got[side]["steady"]
-                print(f"  pair {rep + 1}: {side:8s} run wall {run[0]:6.2f} s cpu {run[1]:6.2f} s | rounds 2-{args.rounds} "
-                      f"wall {steady[0]:6.2f} s cpu {steady[1]:6.2f} s ({time.perf_counter() - start:.0f} s with start-up)",
-                      flush=True)
+                print(f"  pair {rep + 1}: {side:8s} run wall {run[0]:6.2f} s cpu {run[1]:6.2f} s | "
+                      f"rounds 2-{args.rounds} wall {steady[0]:6.2f} s cpu {steady[1]:6.2f} s "
+                      f"({time.perf_counter() - start:.0f} s with start-up)", flush=True)
             pairs.append(got)
     print(f"\n{datetime.date.today()}, {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {args.clients} clients, {per_round} per round, {args.rounds} rounds, {args.repeats} "

@@ -144,6 +144,14 @@ def _prime_empty_batches(loader: Any) -> None:
         collate.first_batch = inner(example) if inner is not None else example
 
 
+def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each example's whole gradient, [B], from per-parameter per-sample gradients [B, ...] (the same
+    computation, in the same order, as Opacus 1.6's flat ``DPOptimizer.clip_and_accumulate``)."""
+    per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples]  # each [B]
+    device = per_param[0].device
+    return torch.stack([n.to(device) for n in per_param], dim=1).norm(2, dim=1)  # [B]
+
+
 def _count_clipped(optimizer: Any, count: Any) -> bool:
     """Make a flat-clipping ``DPOptimizer`` hand its per-sample norms to ``count`` as it clips.
 
@@ -164,9 +172,7 @@ def _count_clipped(optimizer: Any, count: Any) -> bool:
     def clip_and_accumulate(self: Any) -> None:
         if len(self.grad_samples[0]) == 0:  # empty Poisson batch: Opacus's own path
             return original()
-        per_param_norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]  # each [B]
-        device = per_param_norms[0].device
-        norms = torch.stack([n.to(device) for n in per_param_norms], dim=1).norm(2, dim=1)  # [B]
+        norms = per_sample_norms(self.grad_samples)  # [B]
         count(norms)
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # [B]
         for p in self.params:

@@ -95,6 +95,12 @@ def fresh_ctx(**kw: Any) -> ClientContext:
     return make_ctx(model, TaskSpec("image", num_classes=2), [{"pixel_values": torch.zeros(2), "labels": torch.tensor(0)}] * 4, **kw)
 
 
+def stack(data: list[dict[str, torch.Tensor]], n: int = 4) -> dict[str, torch.Tensor]:
+    """The first ``n`` examples as one batch (what ``make_ctx``'s unshuffled loader yields first at its default
+    batch size)."""
+    return {k: torch.stack([d[k] for d in data[:n]]) for k in data[0]}
+
+
 def per_example_grads(model: torch.nn.Module, task: TaskSpec, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: [B, *shape]} gradients of each trainable parameter, one backward per single example (the reference
     Opacus's per-sample gradients must equal); leaves the model's grads zeroed."""

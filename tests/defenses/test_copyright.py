@@ -5,7 +5,7 @@ import torch
 
 from defenses.copyright import CopyrightProtection, copyright_objective, hashed_mask
 from models.tasks import TaskSpec, logits_of, per_example_loss
-from tests.defenses.helpers import make_ctx, run_round, tiny
+from tests.defenses.helpers import make_ctx, run_round, stack, tiny
 
 torch.set_num_threads(1)
 
@@ -14,7 +14,7 @@ def test_gamma_zero_is_plain_loss():
     """Spec 9(d)1: with gamma = 0 the objective is the plain loss (value and gradient)."""
     model, task, data = tiny("gpt2")
     ctx = make_ctx(model, task, data)
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     batch["protected"] = torch.tensor([True, False, True, False])
     per = per_example_loss(logits_of(model, batch), batch["labels"], task)
     loss = per.mean()

@@ -6,7 +6,7 @@ import torch
 from defenses.accounting import epsilon
 from defenses.dp_sgd import DPSGD
 from models.tasks import logits_of, per_example_loss
-from tests.defenses.helpers import make_ctx, per_example_grads, run_round, tiny
+from tests.defenses.helpers import make_ctx, per_example_grads, run_round, stack, tiny
 
 torch.set_num_threads(1)
 
@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 def test_per_sample_grads_equal_per_example_loop(family):
     """Under dp_sgd's setup, Opacus's per-sample gradients of HF models equal a loop over single examples."""
     model, task, data = tiny(family)
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     ref = per_example_grads(model, task, batch)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
@@ -90,7 +90,7 @@ def test_counting_clip_equals_opacus_clip_and_its_fraction_the_recomputed_one():
     from opacus.optimizers.optimizer import DPOptimizer
 
     model, task, data = tiny("vit")
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     norms = torch.cat([g.flatten(1) for g in per_example_grads(model, task, batch).values()], 1).norm(dim=1)  # [B]
     C = float(norms.sort().values[1:3].mean())  # between the 2nd and 3rd norm: two examples clipped, two not
     ctx = make_ctx(model, task, data)
@@ -117,7 +117,7 @@ def test_per_layer_clipping_splits_C_over_the_layers_and_reports_no_clip_fractio
 
     C = 1e-3  # small enough that every layer of every example is clipped
     model, task, data = tiny("vit")
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=C, clipping="per_layer", poisson_sampling=False)
     d.setup(ctx)
@@ -209,7 +209,7 @@ def test_vit_embeddings_sampler_equals_the_per_example_loop_without_functorch():
 
     model, task, data = tiny("vit")
     emb = next(m for m in model.modules() if isinstance(m, ViTEmbeddings))
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     ref = per_example_grads(model, task, batch)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)

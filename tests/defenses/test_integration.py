@@ -6,7 +6,7 @@ import torch
 from defenses.accounting import epsilon
 from defenses.dp_sgd import DPSGD
 from models.tasks import logits_of, per_example_loss
-from tests.defenses.helpers import make_ctx, per_example_grads, run_round, tiny
+from tests.defenses.helpers import make_ctx, per_example_grads, run_round, stack, tiny
 
 torch.set_num_threads(1)
 
@@ -39,7 +39,7 @@ def test_lora_adapter_per_sample_grads_and_training():
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
-    batch = {k: torch.stack([d[k] for d in data[:4]]) for k in data[0]}
+    batch = stack(data)
     ref = per_example_grads(model, task, batch)
     ctx = make_ctx(model, task, data)
     d = DPSGD(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
