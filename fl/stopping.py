@@ -4,13 +4,20 @@ Flower's simulation engine runs the ServerApp in a thread and waits for it, so a
 KeyboardInterrupt leaves the process alive with Ray's actors dying noisily, and the MLflow run
 RUNNING for ever. :class:`StopOnSignal` instead, on the first signal:
 
-1. kills the private Ray instance: every process below this one, listed before any is
-   touched (Ray's agents outlive their raylet, re-parented to init, and would be missed);
+1. lists every process below this one (the private Ray instance) before any is touched (Ray's
+   agents outlive their raylet, re-parented to init, and would be missed);
 2. marks the MLflow run ``KILLED`` (the rounds already logged stay; every completed round is
-   also in the checkpoint, written before its metrics, so nothing is lost), after the kill,
-   since the server thread, seeing its clients go, may end the run itself (``requested`` makes
-   that ending say KILLED too);
-3. prints how to resume, and exits with 130 (SIGINT) or 143 (SIGTERM), the shell's codes.
+   also in the checkpoint, written before its metrics, so nothing is lost) and prints how to
+   resume, while Ray still runs (``requested`` makes an ending the server thread reaches
+   meanwhile say KILLED too);
+3. SIGKILLs the processes listed in step 1 and exits at once with 130 (SIGINT) or 143
+   (SIGTERM), the shell's codes, without waiting for them to be gone.
+
+Nothing slow may come between the kill and the exit: once the raylet is dead, the next
+``ray.wait`` of one of Flower's worker threads fails, and Ray's C++ then ends the whole process
+with status 1 ("Exiting because the Raylet IPC connection failed and the local Raylet is dead").
+Marking MLflow after the kill lost that race in CI (exit 1, no resume line). SIGKILL needs no
+wait: the kernel ends each process within milliseconds, whether or not its parent is still there.
 
 ``ray.shutdown()`` is not called: Flower's worker threads poll ``ray.wait`` and, once the core
 worker is shut down, the next poll makes Ray's C++ end the process with status 1 (seen in CI:
@@ -63,7 +70,7 @@ def descendants() -> list[Any]:
 
 def kill_tree(procs: list[Any], wait_s: float = 3.0) -> None:
     """SIGKILL each process still alive, all at once (no process gets to notice another's end and
-    act on it), and wait up to ``wait_s`` for them to be gone."""
+    act on it), and wait up to ``wait_s`` for them to be gone (``0``: not at all)."""
     import psutil
 
     for p in procs:
@@ -71,7 +78,8 @@ def kill_tree(procs: list[Any], wait_s: float = 3.0) -> None:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(procs, timeout=wait_s)
+    if wait_s > 0:
+        psutil.wait_procs(procs, timeout=wait_s)
 
 
 class StopOnSignal:
@@ -106,8 +114,8 @@ class StopOnSignal:
 
         logging.disable(logging.CRITICAL)  # Flower's workers log each actor Ray takes down; Ray warns of its thread
         threading.excepthook = lambda args: None  # nor may a thread that sees Ray go print over the lines below
-        kill_tree(descendants())  # listed before any dies: Ray's agents outlive their raylet, re-parented to init
-        if self.run_id:  # after the kill: the server thread, seeing its clients go, may have ended the run FAILED
+        procs = descendants()  # listed before any dies: Ray's agents outlive their raylet, re-parented to init
+        if self.run_id:  # before the kill: after it, Ray's C++ may end this process with status 1 at any moment
             try:
                 from mlflow import MlflowClient
 
@@ -120,4 +128,5 @@ class StopOnSignal:
             print("fedprobe: stopped before the MLflow run started; nothing to resume", file=sys.stderr, flush=True)
         sys.stderr.flush()
         sys.stdout.flush()
+        kill_tree(procs, wait_s=0.0)  # SIGKILL all, then out at once: nothing may come between (module docstring)
         os._exit(code)

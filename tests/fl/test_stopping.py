@@ -1,9 +1,11 @@
 """Ctrl-C on a running ``fedprobe run``: out within seconds, no Ray process left, the MLflow run KILLED."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -113,3 +115,45 @@ def test_a_signal_to_a_sweep_stops_its_point_and_marks_parent_and_child_killed(t
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("fedprobe").experiment_id])
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"], out  # the parent and the running point
+
+
+def test_the_handler_marks_and_prints_before_it_kills_and_exits_right_after(monkeypatch, capsys):
+    """Once Ray's raylet is SIGKILLed, Ray's C++ may end the process with status 1 at its next poll: the MLflow mark
+    and the resume line must come before the kill, and nothing (no wait) between the kill and ``os._exit``."""
+    import mlflow
+
+    from fl import stopping
+
+    calls: list[tuple] = []
+
+    class Exited(BaseException):
+        pass
+
+    class FakeClient:
+        def __init__(self, tracking_uri: str) -> None:
+            calls.append(("client", tracking_uri))
+
+        def set_terminated(self, run_id: str, status: str) -> None:
+            calls.append(("mark", run_id, status))
+
+    def fake_exit(code: int) -> None:
+        calls.append(("exit", code))
+        raise Exited
+
+    monkeypatch.setattr(stopping, "descendants", lambda: calls.append(("list",)) or ["raylet", "gcs"])
+    monkeypatch.setattr(stopping, "kill_tree", lambda procs, wait_s=3.0: calls.append(("kill", tuple(procs), wait_s)))
+    monkeypatch.setattr(mlflow, "MlflowClient", FakeClient)
+    monkeypatch.setattr(stopping.os, "_exit", fake_exit)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(stopping, "requested", threading.Event())
+    stop = stopping.StopOnSignal("sqlite:///x.db", lambda run_id: f"fedprobe run c.toml --resume {run_id}")
+    stop.on_start("r1")
+    try:
+        with pytest.raises(Exited):
+            stop._handle(signal.SIGINT, None)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert [c[0] for c in calls] == ["list", "client", "mark", "kill", "exit"], calls
+    assert calls[2] == ("mark", "r1", "KILLED") and calls[3] == ("kill", ("raylet", "gcs"), 0.0)
+    assert calls[4] == ("exit", 130) and stopping.requested.is_set()
+    assert "--resume r1" in capsys.readouterr().err
