@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fl import ground_truth
 from fl.arrays import from_record, like, to_record
 from fl.config import config_from_dict
+from fl.packing import PACK_KEY, members_of, reply_content
 from fl.protocol import CONFIG_KEY, REPORT_KEY, RESTORE_KEY, STATE_KEY
 from fl.training import derive_seed, train_client
 
@@ -48,27 +49,42 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg_record = msg.content["config"]
+    """One partition's round, or, for a packed message (``fl.packing``), each of its partitions' in turn on
+    this process's one model; a partition that raises fails alone (its reason goes back in the reply)."""
+    if PACK_KEY not in msg.content:
+        return Message(_train_one(msg.content, _partition_id(context), context, STATE_KEY), reply_to=msg)
+    results: list[tuple[int, RecordDict | str]] = []
+    for pid, content in members_of(msg.content):
+        try:
+            results.append((pid, _train_one(content, pid, context, f"{STATE_KEY}.{pid}")))
+        except Exception as exc:  # noqa: BLE001  (as Flower reports a ClientApp's exception: type and message)
+            results.append((pid, f"{type(exc).__name__}: {exc}"))
+    return Message(reply_content(results), reply_to=msg)
+
+
+def _train_one(msg_content: RecordDict, pid: int, context: Context, state_key: str) -> RecordDict:
+    """Train partition ``pid`` from one train message's content; the reply's content. ``state_key``: where its
+    defense state lives in ``context.state``."""
+    cfg_record = msg_content["config"]
     cfg = config_from_dict(json.loads(str(cfg_record[CONFIG_KEY])))
     server_round = int(cfg_record["server-round"])
-    pid = _partition_id(context)
 
     rate = cfg.federation.failure_rate
     if rate > 0 and np.random.default_rng(derive_seed(cfg.experiment.seed, server_round, pid, 7)).random() < rate:
         raise InjectedClientFailure(f"client {pid} crashed in round {server_round} (injected, failure_rate={rate})")
 
-    state_record = context.state.get(STATE_KEY)
+    state_record = context.state.get(state_key)
     client_state = json.loads(str(state_record["json"])) if state_record is not None else {}
     if not client_state and RESTORE_KEY in cfg_record:  # a resumed run: this process lost the ledger, the server kept it
         client_state = json.loads(str(cfg_record[RESTORE_KEY]))
     result = train_client(
-        cfg, pid, from_record(msg.content["arrays"]), server_round, client_state,
+        cfg, pid, from_record(msg_content["arrays"]), server_round, client_state,
         record_oracle=ground_truth.CONFIG_KEY in cfg_record,
     )
-    context.state[STATE_KEY] = ConfigRecord({"json": json.dumps(result.client_state)})
+    context.state[state_key] = ConfigRecord({"json": json.dumps(result.client_state)})
 
     content = RecordDict({
-        "arrays": like(msg.content["arrays"], result.state),  # the form the server chose (fl.arrays)
+        "arrays": like(msg_content["arrays"], result.state),  # the form the server chose (fl.arrays)
         "metrics": MetricRecord(result.metrics),
         "meta": ConfigRecord({**{k: v for k, v in result.meta.items()},
                               REPORT_KEY: json.dumps(result.client_state, sort_keys=True)}),
@@ -78,4 +94,4 @@ def train(msg: Message, context: Context) -> Message:
     if result.oracle:  # simulation-only ground truth: to the scorer's folder, never into the reply (fl.ground_truth)
         ground_truth.write(cfg.tracking.output_dir, str(cfg_record[ground_truth.CONFIG_KEY]), server_round, pid,
                            result.oracle)
-    return Message(content, reply_to=msg)
+    return content

@@ -38,7 +38,9 @@ class ExperimentConfig(_Section):
 
 
 class FederationConfig(_Section):
-    num_clients: int = Field(10, ge=1, description="virtual clients (SuperNodes) in the simulation")
+    num_clients: int = Field(10, ge=1, description="virtual clients (data partitions) in the simulation")
+    supernodes: int = Field(0, ge=0, description="SuperNodes that simulate them; 0 means one per client; fewer: each "
+                                                 "trains several partitions per message (fl.packing), for 1000s of clients")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 means all")
     rounds: int = Field(3, ge=1)
     local_epochs: int = Field(1, ge=1, description="local epochs when local_steps is 0")
@@ -62,6 +64,9 @@ class FederationConfig(_Section):
                 f"federation.clients_per_round ({self.clients_per_round}) exceeds "
                 f"federation.num_clients ({self.num_clients})"
             )
+        if self.supernodes > self.num_clients:
+            raise ValueError(f"federation.supernodes ({self.supernodes}) exceeds federation.num_clients "
+                             f"({self.num_clients}); use at most one SuperNode per client, or 0")
         per_round = self.clients_per_round or self.num_clients
         if self.min_replies > per_round:
             raise ValueError(f"federation.min_replies ({self.min_replies}) exceeds the clients sampled per round "

@@ -28,7 +28,7 @@ from fl.protocol import CONFIG_KEY
 from fl.config import Config, config_from_dict, load_config
 from fl.server_hook import ServerHook
 from fl.strategy import PartitionSampledFedAvg, discover_partitions
-from fl import ground_truth
+from fl import ground_truth, packing
 from fl.recorder import ResumeError, RunOptions, RunRecorder, check_resume  # noqa: F401  (re-exported)
 from fl.training import build_defenses, evaluate, resolve_device, seed_everything
 
@@ -54,6 +54,7 @@ def run_federation(grid: Grid, cfg: Config, options: RunOptions | None = None) -
     from models import build_model, count_parameters, task_for
 
     options = options or RunOptions()
+    grid = packing.wrap(grid, cfg.federation.num_clients, cfg.federation.supernodes)  # several clients per node
     seed_everything(cfg.experiment.seed)
     data = load_server_data(cfg.data, cfg.federation.num_clients, cfg.experiment.seed)  # the test split only
     task = task_for(cfg.model, data.task)  # how the model is called (a plain nn.Module: model(x))
@@ -183,7 +184,12 @@ def main(grid: Grid, context: Context) -> None:
     """
     cfg = config_from_context(context)
     nodes = len(list(grid.get_node_ids()))
-    if nodes and nodes != cfg.federation.num_clients:
+    if nodes and cfg.federation.supernodes and nodes != cfg.federation.supernodes:  # clients packed on the nodes
+        log.warning("federation has %d SuperNodes: using federation.supernodes=%d", nodes, nodes)
+        data = cfg.to_dict()
+        data["federation"]["supernodes"] = min(nodes, cfg.federation.num_clients)
+        cfg = config_from_dict(data)
+    elif nodes and not cfg.federation.supernodes and nodes != cfg.federation.num_clients:
         log.warning("federation has %d SuperNodes: using federation.num_clients=%d", nodes, nodes)
         data = cfg.to_dict()
         data["federation"]["num_clients"] = nodes

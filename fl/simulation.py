@@ -182,7 +182,7 @@ def simulate(cfg: Config, options: RunOptions | None = None, verbose: bool = Fal
     os.environ["FEDPROBE_VERBOSE"] = "1" if verbose else "0"  # the clients' log level (fl.client_app)
     try:
         return serve(lambda grid, context: run_federation(grid, cfg, options), client_app,
-                     cfg.federation.num_clients, backend_config(cfg), verbose)
+                     cfg.federation.supernodes or cfg.federation.num_clients, backend_config(cfg), verbose)
     finally:
         if previous_secret is None:
             os.environ.pop(SECRET_ENV, None)

@@ -31,7 +31,7 @@ CONTRACTS = {  # what one library may import from another
 }
 FL_FLOORS = [  # bottom to top
     {"registry", "config", "protocol", "arrays", "paths", "quiet", "ground_truth", "faults", "tracking", "stopping",
-     "replies", "model_pool", "ray_probe", "watchdog"},
+     "replies", "model_pool", "ray_probe", "watchdog", "packing"},
     {"data"},
     {"training", "plugins", "plan"},
     {"strategy", "server_hook", "audit", "recorder"},
