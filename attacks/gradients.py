@@ -111,17 +111,21 @@ def batch_loss(model: nn.Module, params: dict[str, torch.Tensor], inputs: dict[s
 
 
 def _step_gradient(model: nn.Module, params: dict[str, torch.Tensor], names: list[str], inputs: dict[str, torch.Tensor],
-                   labels: torch.Tensor, task: TaskSpec, example_clip: float) -> list[torch.Tensor]:
+                   labels: torch.Tensor, task: TaskSpec, example_clip: float,
+                   create_graph: bool = True) -> list[torch.Tensor]:
     """The batch gradient of one local step; with ``example_clip`` > 0, DP-SGD's mean of
-    per-example gradients clipped with Opacus's factor min(1, C / (|g_i| + 1e-6))."""
+    per-example gradients clipped with Opacus's factor min(1, C / (|g_i| + 1e-6)). ``create_graph=False``
+    where the gradient is only scored, never differentiated (no double-backward graph is kept)."""
     wrt = [params[k] for k in names]
     if example_clip <= 0:
-        return list(torch.autograd.grad(batch_loss(model, params, inputs, labels, task), wrt, create_graph=True))
+        return list(torch.autograd.grad(batch_loss(model, params, inputs, labels, task), wrt,
+                                        create_graph=create_graph))
     n = labels.shape[0]
     total: list[torch.Tensor] | None = None
     for i in range(n):
         one = {key: v[i : i + 1] for key, v in inputs.items()}
-        g = torch.autograd.grad(batch_loss(model, params, one, labels[i : i + 1], task), wrt, create_graph=True)
+        g = torch.autograd.grad(batch_loss(model, params, one, labels[i : i + 1], task), wrt,
+                                create_graph=create_graph)
         norm = torch.sqrt(sum((t**2).sum() for t in g))  # type: ignore[arg-type]
         factor = torch.clamp(example_clip / (norm + 1e-6), max=1.0)
         total = [factor * t for t in g] if total is None else [a + factor * t for a, t in zip(total, g)]
@@ -142,19 +146,21 @@ def simulate(model: nn.Module, params: dict[str, torch.Tensor], names: list[str]
              labels: torch.Tensor, task: TaskSpec, steps: int, lr: float, batch_size: int,
              example_clip: float = 0.0, update_clip: float = 0.0, momentum: float = 0.0, weight_decay: float = 0.0,
              partial_batches: bool = False, optimizer: str = "sgd", betas: tuple[float, float] = (0.9, 0.999),
-             eps: float = 1e-8) -> dict[str, torch.Tensor]:
+             eps: float = 1e-8, create_graph: bool = True) -> dict[str, torch.Tensor]:
     """The differentiable counterpart of the target: gradient (steps == 1) or unrolled update (steps > 1).
 
     Defense-aware (``attacks.threat``): ``example_clip`` clips per-example gradients as DP-SGD
     does; ``update_clip`` scales the whole update u (= -lr g for one step) to norm <= C.
     ``momentum`` / ``weight_decay`` replay torch's SGD (see the module docstring); ``partial_batches``
     the batching of a ``DataLoader`` that keeps the last, smaller batch of each epoch. ``optimizer="adam"``
-    replays torch's Adam (``betas``, ``eps``; always the unrolled update).
+    replays torch's Adam (``betas``, ``eps``; always the unrolled update). ``create_graph=False`` for a
+    recomputed update that is only scored (a candidate's distance), never optimised through: the same values,
+    without the graph that a search's double backward needs.
     """
     n = labels.shape[0]
     adam = optimizer == "adam"
     if steps == 1 and not adam:
-        grads = _step_gradient(model, params, names, inputs, labels, task, example_clip)
+        grads = _step_gradient(model, params, names, inputs, labels, task, example_clip, create_graph)
         out = {key: g + weight_decay * params[key] if weight_decay else g for key, g in zip(names, grads)}
     else:
         cur = dict(params)
@@ -164,7 +170,7 @@ def simulate(model: nn.Module, params: dict[str, torch.Tensor], names: list[str]
         for k in range(steps):
             idx = batch_indices(k, n, batch_size, partial_batches, labels.device)
             sub = {key: v[idx] for key, v in inputs.items()}
-            grads = _step_gradient(model, cur, names, sub, labels[idx], task, example_clip)
+            grads = _step_gradient(model, cur, names, sub, labels[idx], task, example_clip, create_graph)
             for key, g in zip(names, grads):
                 if weight_decay:
                     g = g + weight_decay * cur[key]

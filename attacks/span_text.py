@@ -241,7 +241,7 @@ class SpanText(Attack):
             with torch.enable_grad():
                 sim = simulate(model, leaves, names,
                                {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100), obs.task,
-                               1, lr, 1, example_clip=clip)
+                               1, lr, 1, example_clip=clip, create_graph=False)  # scored, never differentiated
             return {k: v.detach() for k, v in sim.items()}
 
         lengths = [min(len(pre) + 1, L) for pre in prefixes]

@@ -218,7 +218,7 @@ class TAG(GradientInversion):
                 lab = self._lm_labels(tok) if obs.task.kind == "lm" else y
                 inputs = {"input_ids": tok, "attention_mask": self._real(tok.shape[1], tok.device).long().expand_as(tok)}
                 sim = simulate(model, params, names, inputs, lab, obs.task, steps, lr, bs,  # type: ignore[arg-type]
-                               **search.replay)
+                               **search.replay, create_graph=False)  # scored only: no double-backward graph
                 return float(gradient_distance({k: v.detach() for k, v in sim.items()}, full_tgt, "l2"))
 
         assert self._cand is not None

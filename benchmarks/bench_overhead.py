@@ -24,7 +24,11 @@ line is the median wall-time ratio of client updates per second without DP:
     fedprobe/bare updates/s ratio: <ratio>
 
     python benchmarks/bench_overhead.py [--clients 10] [--per-round 10] [--rounds 5] [--repeats 3]
-                                        [--settings nodp dp]
+                                        [--settings nodp dp] [--supernodes 0]
+
+``--supernodes N`` runs fedprobe's clients on N SuperNodes (``fl.packing``) while the bare app keeps
+one per client: the same training on the same engine in fewer Flower messages, reported as such,
+never as the like-for-like headline.
 """
 
 from __future__ import annotations
@@ -186,13 +190,14 @@ def run_fedprobe(cfg: Config, uri: str) -> dict[str, tuple[float, float]]:
     def main(grid: Grid, context: Context) -> None:
         out["t"] = _timed(lambda: run_federation(grid, cfg, RunOptions(tracking_uri=uri, progress=False)))
 
-    run_apps(server, client_app, cfg.federation.num_clients, backend_config(cfg))
+    run_apps(server, client_app, cfg.federation.supernodes or cfg.federation.num_clients, backend_config(cfg))
     return out["t"]
 
 
-def make_config(setting: str, clients: int, per_round: int, rounds: int, tmp: str) -> Config:
+def make_config(setting: str, clients: int, per_round: int, rounds: int, tmp: str, supernodes: int = 0) -> Config:
     base = load_config("experiments/quickstart.toml", [
         f"federation.num_clients={clients}", f"federation.clients_per_round={per_round}",
+        f"federation.supernodes={supernodes}",
         f"federation.rounds={rounds}", "attack.name='none'", f"tracking.output_dir='{tmp}/out'",
         "tracking.log_model=false"])
     data = base.to_dict()
@@ -215,6 +220,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="A/B pairs per setting")
     ap.add_argument("--settings", nargs="+", default=["nodp", "dp"], choices=["nodp", "dp"])
+    ap.add_argument("--supernodes", type=int, default=0,
+                    help="fedprobe's federation.supernodes (0: one SuperNode per client, as the bare app; like for "
+                         "like). N packs fedprobe's clients on N SuperNodes (fl.packing): not like for like")
     args = ap.parse_args()
     per_round = args.per_round or args.clients
     os.environ.setdefault(SECRET_ENV, new_secret())  # the clients' DP noise key (fl.simulation does this for a run)
@@ -223,7 +231,7 @@ def main() -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         create_store(uri)
         for setting in args.settings:
-            cfg = make_config(setting, args.clients, per_round, args.rounds, tmp)
+            cfg = make_config(setting, args.clients, per_round, args.rounds, tmp, args.supernodes)
             pairs = []
             for rep in range(args.repeats):
                 order = ("bare", "fedprobe") if rep % 2 == 0 else ("fedprobe", "bare")
@@ -242,7 +250,8 @@ def main() -> None:
                              med("bare", 1), med("fedprobe", 1),
                              statistics.median(p["bare"][window][1] / p["fedprobe"][window][1] for p in pairs)))
     print(f"\n{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.clients} clients, {per_round} per round, {args.rounds} rounds, {args.repeats} interleaved pairs; "
+          f"{args.clients} clients, {per_round} per round, {args.rounds} rounds, {args.repeats} interleaved pairs"
+          + (f", fedprobe on {args.supernodes} SuperNodes (bare: {args.clients})" if args.supernodes else "") + "; "
           "medians of per-pair ratios (fedprobe / bare updates per second)")
     print("| setting | window | bare updates/s | fedprobe updates/s | ratio (wall) | bare updates/CPU-s | "
           "fedprobe updates/CPU-s | ratio (CPU) |")

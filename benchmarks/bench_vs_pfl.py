@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=None, help="clients per round (default: all)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved pfl / fedprobe pairs")
+    ap.add_argument("--supernodes", type=int, default=0,
+                    help="fedprobe's federation.supernodes (0: one SuperNode per client); N packs them on N")
     args = ap.parse_args()
     try:
         import pfl  # noqa: F401
@@ -139,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         bo.create_store(uri)
-        cfg = bo.make_config("nodp", args.clients, per_round, args.rounds, tmp)
+        cfg = bo.make_config("nodp", args.clients, per_round, args.rounds, tmp, args.supernodes)
         for rep in range(args.repeats):
             got = {}
             for side in (("pfl", "fedprobe") if rep % 2 == 0 else ("fedprobe", "pfl")):
@@ -152,7 +154,8 @@ def main() -> None:
             pairs.append(got)
     print(f"\n{datetime.date.today()}, {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {args.clients} clients, {per_round} per round, {args.rounds} rounds, {args.repeats} "
-          "interleaved pairs; medians (ratios: median of per-pair ratios)")
+          "interleaved pairs" + (f", fedprobe on {args.supernodes} SuperNodes" if args.supernodes else "")
+          + "; medians (ratios: median of per-pair ratios)")
     print("| window | pfl updates/s | fedprobe updates/s | ratio (wall) | pfl updates/CPU-s | fedprobe updates/CPU-s "
           "| ratio (CPU) |")
     print("|---|---|---|---|---|---|---|")

@@ -218,3 +218,21 @@ def test_recovered_baseline_is_the_share_the_prior_image_already_recovers():
     assert s["recovered_fraction"] == 1.0 and s["recovered_baseline"] == 0.25
     far = score(Reconstruction(inputs=orig.clone()), {"pixel_values": orig}, IMG, image_prior=orig.mean(0))
     assert far["recovered_baseline"] == 0.0
+
+
+@pytest.mark.parametrize("steps, clip", [(1, 0.0), (1, 0.05), (3, 0.05)])
+def test_a_scored_only_simulation_keeps_no_graph_and_the_same_values(steps, clip):
+    batch = digits(3, start=20)
+    model = attack_model(vit, torch.float64)
+    params = {k: v.detach().double().requires_grad_(True) for k, v in vit().named_parameters()}
+    x = {"pixel_values": batch["pixel_values"].double()}
+    graph = simulate(model, params, list(params), x, batch["labels"], IMG, steps, 0.1, 1, example_clip=clip)
+    flat = simulate(model, params, list(params), x, batch["labels"], IMG, steps, 0.1, 1, example_clip=clip,
+                    create_graph=False)
+    assert all(v.grad_fn is not None for v in graph.values())
+    assert all(v.grad_fn is None or steps > 1 for v in flat.values())
+    for k in graph:
+        assert torch.allclose(graph[k].detach(), flat[k].detach(), rtol=0, atol=1e-12), k
+    if steps == 1:  # nothing to differentiate: a search needs create_graph=True
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(sum((v**2).sum() for v in flat.values()), [params[next(iter(params))]])
