@@ -189,7 +189,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fl.server_app import RunOptions
     from fl.simulation import RayStartError, SimulationError, simulate
 
-    nodes = f" on {cfg.federation.supernodes} SuperNodes" if 0 < cfg.federation.supernodes < cfg.federation.num_clients else ""
+    packed = 0 < cfg.federation.supernodes < cfg.federation.num_clients
+    nodes = f" on {cfg.federation.supernodes} SuperNodes" if packed else ""
     print(f"fedprobe: {cfg.experiment.name}: {cfg.federation.num_clients} clients{nodes}, {cfg.federation.rounds} rounds, "
           f"{cfg.model.label()} ({cfg.model.attention} attention) on {cfg.data.dataset}; "
           f"attack={cfg.attack.name}; defenses={[d.name for d in cfg.defenses] or 'none'}", file=sys.stderr)

@@ -39,8 +39,8 @@ class ExperimentConfig(_Section):
 
 class FederationConfig(_Section):
     num_clients: int = Field(10, ge=1, description="virtual clients (data partitions) in the simulation")
-    supernodes: int = Field(0, ge=0, description="SuperNodes that simulate them; 0 means one per client; fewer: each "
-                                                 "trains several partitions per message (fl.packing), for 1000s of clients")
+    supernodes: int = Field(0, ge=0, description="SuperNodes that simulate them; 0 means one per client; fewer: "
+                            "each trains several partitions per message (fl.packing), for 1000s of clients")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 means all")
     rounds: int = Field(3, ge=1)
     local_epochs: int = Field(1, ge=1, description="local epochs when local_steps is 0")
