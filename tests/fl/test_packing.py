@@ -167,3 +167,23 @@ def test_two_supernodes_give_the_global_model_of_one_node_per_client(tmp_path, m
     assert one["final"]["epsilon"] > 0 and one["final"]["clients_replied"] >= 1
     failed = [re.findall(r"round \d+: client \d+ failed", "\n".join(s["events"])) for s in (one, packed)]
     assert failed[0] == failed[1] and failed[0], failed  # the same clients failed (failure_rate), each alone
+
+
+@pytest.mark.slow  # three Ray simulations (~80 s)
+def test_a_packed_run_stopped_and_resumed_ends_as_the_uninterrupted_one(tmp_path):
+    """Each client's DP ledger lives on its SuperNode; after --resume (new nodes) the server hands it back."""
+    from fl.simulation import SimulationError, simulate
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = {**RUN, "federation": {**RUN["federation"], "supernodes": 2, "rounds": 3, "failure_rate": 0.0},
+            "tracking": {"output_dir": str(tmp_path / "out")}}
+    cfg = config_from_dict(data)
+    full = simulate(cfg, RunOptions(progress=False, tracking_uri=uri))
+    started: list[str] = []
+    with pytest.raises(SimulationError, match="stop_after_round"):
+        simulate(cfg, RunOptions(progress=False, tracking_uri=uri, stop_after_round=1, on_start=started.append))
+    resumed = simulate(cfg, RunOptions(progress=False, tracking_uri=uri, resume_run_id=started[0]))
+    assert resumed["status"] == "FINISHED" and resumed["rounds_completed"] == 3
+    for key in ("epsilon", "test_loss", "accuracy"):
+        assert resumed["final"][key] == full["final"][key], key
+    assert full["final"]["epsilon"] > 0
