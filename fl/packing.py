@@ -90,14 +90,11 @@ class PackedGrid:
                 replies.append(Message(RecordDict({"info": ConfigRecord({"partition-id": pid})}), reply_to=msg))
                 continue
             groups.setdefault((self.node_of(pid), msg.metadata.message_type), []).append((pid, msg))
-        packed = {}
-        for (node, kind), members in groups.items():
-            out = pack([(pid, m.content) for pid, m in members], node, kind)
-            packed[id(out)] = (out, members)
-        if not packed:
+        if not groups:
             return replies
-        by_node = {out.metadata.dst_node_id: members for out, members in packed.values()}
-        for reply in self.grid.send_and_receive([out for out, _ in packed.values()], timeout=timeout):
+        outs = [pack([(pid, m.content) for pid, m in members], node, kind) for (node, kind), members in groups.items()]
+        by_node = {node: members for (node, _), members in groups.items()}
+        for reply in self.grid.send_and_receive(outs, timeout=timeout):
             members = by_node.pop(reply.metadata.src_node_id, None)
             if members is not None:
                 replies.extend(unpack(reply, members))
