@@ -81,6 +81,12 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return mean, sd, mean - half, mean + half
 
 
+def describe(values: Sequence[float], fmt: str = ".3g") -> str:
+    """``mean ± std [low, high]`` (95 % t-interval) in ``fmt``: one table cell for a measured-over-seeds value."""
+    mean, sd, lo, hi = interval(values)
+    return f"{mean:{fmt}} ± {sd:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
 def welch(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided Welch t-test p-value (independent samples, unequal variances); 1.0 when both are constant and equal."""
     from scipy import stats

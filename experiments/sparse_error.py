@@ -1,12 +1,15 @@
 """Experiment 3 (issue 3): top-k sparse attention error vs n, dynamic k = n^C against a fixed k.
 
-    python -m experiments.sparse_error [--log2n 10 11 12 13 14 15 16] [--beta 0.5 1.5 3.0] [--exponent 0.5] [--fixed-k 16]
+    python -m experiments.sparse_error [--log2n 10 11 12 13 14 15 16] [--beta 0.5 1.5 3.0] [--exponent 0.5]
+        [--fixed-k 16] [--seeds 5]
 
 Gaussian inputs (spec 2(a) heuristic, [derived]): keys k_j ~ N(0, I_d), values v_j ~ N(0, I_d), and queries scaled so
 that each row's logits are i.i.d. N(0, sigma^2) with sigma^2 = beta * ln n. With k = n^C the dropped tail mass
 vanishes iff beta > 2(1 - C) (the paper's "n^C-sparse" regime, large-norm attention); for beta < 2(1 - C) neither
 rule converges. Reported per n: mean over queries of the l2 output error ||Attn - Attn_S|| / ||Attn|| and the tail
 mass tau, for k = ceil(n^C) and for the fixed k.
+Protocol (issue 17, ``experiments/protocol.py``): nothing is tuned (k's rule is the arm); every cell is measured on
+``--seeds`` independent evaluation seeds and reported as mean ± std [95 % t-interval].
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import torch
 
 from models.attention import sparse_topk_attention, tail_mass, topk_schedule
+from experiments.protocol import describe, interval, seeds
 from experiments.script import add_common_args, start
 
 
@@ -46,20 +50,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fixed-k", type=int, default=16)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="evaluation seeds per cell (experiments.protocol.seeds); 1 runs --seed alone")
     add_common_args(ap)
     a = ap.parse_args(argv)
     tracker = start(a, "sparse_error", "sparse")
     t0, res = time.time(), {}
-    lines = [f"threshold 2(1-C) = {2 * (1 - a.exponent):.2f}",
+    eval_seeds = [a.seed] if a.seeds == 1 else seeds(a.seeds)
+    lines = [f"threshold 2(1-C) = {2 * (1 - a.exponent):.2f}; {len(eval_seeds)} seeds: mean ± std [95 % interval]",
              "| beta | n | k=n^C | err (n^C) | tau (n^C) | k fixed | err (fixed) | tau (fixed) |",
              "|---|---|---|---|---|---|---|---|"]
     print(lines[0])
     for bi, beta in enumerate(a.beta):
         for i, l2 in enumerate(a.log2n):
             n = 2 ** l2
-            r = res[(beta, n)] = run(n, beta, a.exponent, a.fixed_k, a.dim, a.queries, a.seed)
-            lines.append(f"| {beta} | {n} | {r['k_nC']} | {r['err_nC']:.4f} | {r['tau_nC']:.4f} | {r['k_fixed']} | "
-                         f"{r['err_fixed']:.4f} | {r['tau_fixed']:.4f} |")
+            runs = [run(n, beta, a.exponent, a.fixed_k, a.dim, a.queries, s) for s in eval_seeds]
+            r = res[(beta, n)] = {key: (interval([x[key] for x in runs])[0] if key[0] != "k" else runs[0][key])
+                                  for key in runs[0]}
+            cell = {key: describe([x[key] for x in runs], ".4f") for key in runs[0] if key[0] != "k"}
+            lines.append(f"| {beta} | {n} | {r['k_nC']} | {cell['err_nC']} | {cell['tau_nC']} | {r['k_fixed']} | "
+                         f"{cell['err_fixed']} | {cell['tau_fixed']} |")
             print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
             if tracker:
                 tracker.log_metrics({f"beta{beta}.{key}": val for key, val in r.items()} | {"log2n": l2},

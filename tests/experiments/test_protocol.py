@@ -81,3 +81,10 @@ def test_results_go_to_mlflow_with_the_grid_and_the_choice(tmp_path):
     assert "| rdbd(arm) | 0.1 |" in protocol.markdown_row(r)
     edge = protocol.run_arm("e", lambda lr, s: Trial(lr), [0.01, 0.1], check_plateau=False)
     assert edge.at_edge and "| e | 0.01 (grid edge) |" in protocol.markdown_row(edge)
+
+
+def test_describe_is_mean_std_and_the_t_interval():
+    from experiments.protocol import describe
+
+    assert describe([1.0, 2.0, 3.0], ".2f") == "2.00 ± 1.00 [-0.48, 4.48]"  # t(0.975, 2) = 4.303
+    assert describe([5.0], ".1f") == "5.0 ± 0.0 [-inf, inf]"

@@ -21,6 +21,11 @@ def test_sparse_error_runs():
 
 
 def test_sketch_error_runs_and_memory_flat():
-    res = sketch_error.main(["--log2n", "6", "8", "--degree", "2", "--no-track"])
+    res = sketch_error.main(["--log2n", "6", "8", "--degree", "2", "--seeds", "2", "--countsketch-log2n", "8", "14",
+                             "--no-track"])
     assert res[(64, 2)]["sketch_bytes"] == res[(256, 2)]["sketch_bytes"]
     assert res[(256, 2)]["kv_cache_bytes"] == 4 * res[(64, 2)]["kv_cache_bytes"]
+    assert len(res[(64, 2)]["errs"]) == 2 and res[(64, 2)]["errs"][0] != res[(64, 2)]["errs"][1]  # two seeds
+    small, big = res[("countsketch", 256)], res[("countsketch", 16384)]
+    assert big["bytes_without"] > 6 * small["bytes_without"] and big["bytes_with"] < big["bytes_without"]
+    assert big["guarantee_ratio"] <= 1.5  # the (1 + eps1) bound, eps1 = 0.5
