@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -54,19 +56,33 @@ def train(msg: Message, context: Context) -> Message:
     if PACK_KEY not in msg.content:
         return Message(_train_one(msg.content, _partition_id(context), context, STATE_KEY), reply_to=msg)
     results: list[tuple[int, RecordDict | str]] = []
+    shared: dict[tuple[str, int], object] = {}  # the members share one config and one global model: parse once
     for pid, content in members_of(msg.content):
         try:
-            results.append((pid, _train_one(content, pid, context, f"{STATE_KEY}.{pid}")))
+            results.append((pid, _train_one(content, pid, context, f"{STATE_KEY}.{pid}", shared)))
         except Exception as exc:  # noqa: BLE001  (as Flower reports a ClientApp's exception: type and message)
             results.append((pid, f"{type(exc).__name__}: {exc}"))
     return Message(reply_content(results), reply_to=msg)
 
 
-def _train_one(msg_content: RecordDict, pid: int, context: Context, state_key: str) -> RecordDict:
+def _once(shared: dict[tuple[str, int], Any] | None, kind: str, record: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, or, within one packed message, its value for the same record object (``shared`` is keyed by
+    the record's id, alive for the whole message). Nothing downstream mutates a parsed config or the global
+    tensors (tests/fl/test_packing.py: packed == unpacked, bit for bit)."""
+    if shared is None:
+        return make()
+    key = (kind, id(record))
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
+
+
+def _train_one(msg_content: RecordDict, pid: int, context: Context, state_key: str,
+               shared: dict[tuple[str, int], Any] | None = None) -> RecordDict:
     """Train partition ``pid`` from one train message's content; the reply's content. ``state_key``: where its
-    defense state lives in ``context.state``."""
+    defense state lives in ``context.state``; ``shared``: the packed message's parse cache (see ``_once``)."""
     cfg_record = msg_content["config"]
-    cfg = config_from_dict(json.loads(str(cfg_record[CONFIG_KEY])))
+    cfg = _once(shared, "config", cfg_record, lambda: config_from_dict(json.loads(str(cfg_record[CONFIG_KEY]))))
     server_round = int(cfg_record["server-round"])
 
     rate = cfg.federation.failure_rate
@@ -78,7 +94,8 @@ def _train_one(msg_content: RecordDict, pid: int, context: Context, state_key: s
     if not client_state and RESTORE_KEY in cfg_record:  # a resumed run: this process lost the ledger, the server kept it
         client_state = json.loads(str(cfg_record[RESTORE_KEY]))
     result = train_client(
-        cfg, pid, from_record(msg_content["arrays"]), server_round, client_state,
+        cfg, pid, _once(shared, "arrays", msg_content["arrays"], lambda: from_record(msg_content["arrays"])),
+        server_round, client_state,
         record_oracle=ground_truth.CONFIG_KEY in cfg_record,
     )
     context.state[state_key] = ConfigRecord({"json": json.dumps(result.client_state)})

@@ -103,6 +103,47 @@ def test_packed_grid_sends_one_message_per_node_each_record_once_and_unpacks_per
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_the_client_app_parses_a_shared_config_and_global_model_once_per_packed_message(monkeypatch):
+    import json
+
+    from flwr.app import Context
+
+    from fl import client_app
+    from fl.protocol import CONFIG_KEY
+    from fl.training import ClientResult
+
+    parsed, seen = [], []
+    real_parse = client_app.config_from_dict
+    monkeypatch.setattr(client_app, "config_from_dict", lambda d: parsed.append(1) or real_parse(d))
+    decoded = []
+    real_decode = client_app.from_record
+    monkeypatch.setattr(client_app, "from_record", lambda r: decoded.append(1) or real_decode(r))
+
+    def fake_train(cfg, pid, global_state, server_round, client_state, record_oracle):
+        seen.append((pid, id(cfg), id(global_state), float(global_state["w"][0])))
+        return ClientResult(state={"w": global_state["w"] + pid}, metrics={"num-examples": 1}, meta={},
+                            client_state={})
+
+    monkeypatch.setattr(client_app, "train_client", fake_train)
+    cfg_json = json.dumps(config_from_dict({}).model_dump(mode="json"))
+    grid = packing.PackedGrid(FakeGrid(), num_clients=9, supernodes=1)
+    msgs = _messages(grid, [0, 1, 2, 5], crafted={2})
+    for m in msgs:  # one config record object, as the server sends it
+        m.content["config"] = msgs[0].content["config"]
+    msgs[0].content["config"][CONFIG_KEY] = cfg_json
+    packed = packing.pack([(p, m.content) for p, m in zip([0, 1, 2, 5], msgs)], 7, MessageType.TRAIN)
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = client_app.train(_delivered(packed), ctx)
+    assert len(parsed) == 1  # one config for four partitions
+    assert len(decoded) == 2  # the global model once, the crafted victim's model once
+    assert len({c for _, c, _, _ in seen}) == 1
+    assert [(p, w) for p, _, _, w in seen] == [(0, 0.0), (1, 0.0), (2, 100.0), (5, 0.0)]
+    assert seen[0][2] == seen[1][2] == seen[3][2] != seen[2][2]
+    out = {int(k.rpartition("@")[2]): v for k, v in reply.content.items() if k.startswith("arrays@")}
+    assert {p: float(a.to_torch_state_dict()["w"][0]) for p, a in out.items()} == {0: 0.0, 1: 1.0, 2: 102.0, 5: 5.0}
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_node_that_fails_or_stays_silent_takes_only_its_own_partitions_with_it():
     real = FakeGrid(silent={30})
     grid = packing.PackedGrid(real, num_clients=6, supernodes=3)
