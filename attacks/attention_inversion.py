@@ -14,6 +14,8 @@ the paper's leverage-score Hessian sketch is not needed and is not implemented).
 
 Invariances (pitfall): X and -X give the same logits; any R with R^T W_h R = W_h for
 all h gives another solution; row shifts of the logits leave the softmax unchanged.
+:func:`identifiability` computes the dimension of that R family (d / 2 for one head, 0 for several) and whether
+the maps hold enough equations; the attack reports both beside its score (``x_identifiable``).
 :func:`score` therefore reports the attention error, the row-centred logit error,
 and X errors only after sign and orthogonal-Procrustes alignment.
 """
@@ -165,6 +167,39 @@ def invert(
                            seconds=time.perf_counter() - t0, min_hessian_eig=eigs)
 
 
+SYMMETRY_MAX_D = 32  # above this, identifiability() takes the generic symmetry dimension (d^2 x d^2 is too large)
+
+
+def identifiability(W: torch.Tensor, n: int) -> dict[str, Any]:
+    """Can the maps of n tokens pin X (up to sign)? Two necessary conditions, computed from W [H, d, d] or [d, d]:
+
+    * ``symmetry_dim``: the dimension of {M : M^T W_h + W_h M = 0 for every h}, the Lie algebra of the group
+      {R : R^T W_h R = W_h}; when it is > 0, X -> exp(tM) X is a continuous family with the very same maps. For one
+      generic head it is d / 2 (measured, d = 4, 8, 16); two heads or more generically make it 0. Computed exactly
+      for d <= ``SYMMETRY_MAX_D`` (a d^2 x d^2 rank); above it the generic value is returned
+      (``symmetry_measured`` False).
+    * the count: H n (n - 1) independent map entries (each row sums to 1) against d n unknowns, i.e. H (n - 1) >= d.
+
+    ``identifiable`` = both hold. benchmarks/bench_attention_inversion.py measures that they are also sufficient on
+    its grid: every multi-head problem solved where they hold had its X recovered, none where they fail.
+    """
+    W = W.unsqueeze(0) if W.dim() == 2 else W
+    heads, d = W.shape[0], W.shape[-1]
+    if d <= SYMMETRY_MAX_D:
+        G = torch.zeros(d * d, d * d, dtype=W.dtype)  # sum_h J_h^T J_h: same null space as the stacked J
+        for Wh in W:
+            Jh = torch.func.jacrev(lambda M: M.T @ Wh + Wh @ M)(torch.zeros(d, d, dtype=W.dtype))  # noqa: B023
+            Jh = Jh.reshape(d * d, d * d)
+            G += Jh.T @ Jh
+        sym, measured = d * d - int(torch.linalg.matrix_rank(G, hermitian=True)), True
+    else:  # d^2 x d^2 too large to factor: the generic value (measured d/2 and 0 for d = 4..32)
+        sym, measured = (d // 2 if heads == 1 else 0), False
+    enough = heads * (n - 1) >= d
+    return {"symmetry_dim": sym, "symmetry_measured": measured, "equations": heads * n * (n - 1),
+            "unknowns": d * n, "enough_equations": enough,
+            "identifiable": sym == 0 and enough}
+
+
 def _procrustes(A: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """Orthogonal R minimising |R A - T|_F (A, T: [d, n])."""
     U, _, Vh = torch.linalg.svd(T @ A.T)
@@ -305,5 +340,8 @@ class AttentionInversion(Attack):
             assert best is not None
             Xs.append(best.X)
             errs.append(float((attention_map(best.X, W) - A[b]).norm() / A[b].norm()))
-        metrics: dict[str, Any] = {"attention_error": sum(errs) / len(errs), "attack_seconds": time.perf_counter() - t0}
+        ident = identifiability(W, A.shape[-1])
+        metrics: dict[str, Any] = {"attention_error": sum(errs) / len(errs), "attack_seconds": time.perf_counter() - t0,
+                                   "x_identifiable": float(ident["identifiable"]),
+                                   "x_symmetry_dim": float(ident["symmetry_dim"])}
         return Reconstruction(metrics=metrics, artifacts={"X": torch.stack(Xs), "W": W})

@@ -96,3 +96,26 @@ def test_convergence_is_tested_on_the_attention_fit_not_the_ridge_and_the_defaul
     solved = invert(W, B, seed=0, steps=100)  # the defaults: no ridge, Newton
     assert solved.converged and solved.iterations < 100
     assert (attention_map(solved.X, W) - B).norm() / B.norm() < 1e-6
+
+
+def test_identifiability_one_head_has_a_continuous_symmetry_several_heads_do_not():
+    from attacks.attention_inversion import identifiability
+
+    g = torch.Generator().manual_seed(5)
+    for d in (4, 8):
+        wq, wk = (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for _ in range(2))
+        one, four = qk_product(wq, wk, 1), qk_product(wq, wk, 4)
+        r1, r4 = identifiability(one, n=16), identifiability(four, n=16)
+        assert r1["symmetry_dim"] == d // 2 and not r1["identifiable"]
+        assert r4["symmetry_dim"] == 0 and r4["identifiable"]
+        assert not identifiability(four, n=d // 4)["identifiable"]  # 4 (n - 1) < d: too few equations
+        # the symmetry is real: moving X along it keeps every map of the one-head problem, and moves X
+        J = torch.func.jacrev(lambda M: M.T @ one[0] + one[0] @ M)(torch.zeros(d, d, dtype=torch.float64))
+        M = torch.linalg.svd(J.reshape(d * d, d * d)).Vh[-1].reshape(d, d)  # a null direction
+        R = torch.linalg.matrix_exp(0.7 * M / M.norm())
+        X = torch.randn(d, 16, generator=g, dtype=torch.float64)
+        assert torch.allclose(attention_map(R @ X, one), attention_map(X, one), atol=1e-10)
+        assert (R @ X - X).norm() > 0.1 * X.norm()
+        assert not torch.allclose(attention_map(R @ X, four), attention_map(X, four), atol=1e-6)
+    big = identifiability(torch.randn(2, 40, 40, dtype=torch.float64), n=64)  # above SYMMETRY_MAX_D: generic
+    assert big["symmetry_dim"] == 0 and not big["symmetry_measured"] and big["identifiable"]
