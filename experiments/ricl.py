@@ -8,8 +8,13 @@ under ``<out>/cache``). Conditions: regression with balanced and biased (covaria
 prompts, classification with balanced and class-imbalanced prompts (definitions in
 ``models.icl.tasks``). Every problem instance draws a task, a prompt, an unbiased
 validation set (used by every adapting method) and an unbiased test set. Per seed the
-test metrics are averaged over instances; the table reports mean ± std over seeds. One
-MLflow run holds the parameters, the metrics, the table and a bar plot.
+test metrics are averaged over instances; the table reports mean ± std [95 % t-interval] over
+seeds (issue 17 protocol, ``experiments/protocol.py``: ``seeds = 5`` draws 5 independent
+evaluation seeds). Below it: RICL's and LARICL's gain over ICL per condition (paired t-test
+over seeds), whether the gain is specific to the shifted prompts (Welch, shifted vs balanced
+gain), and how far RICL's weights move from 1 (the spec's test 1: on balanced prompts they
+should stay near 1). The methods' learning rates are the config's, not tuned (stated as a
+limit). One MLflow run holds the parameters, the metrics, the tables and a bar plot.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 
+from experiments.protocol import describe, paired, seeds as protocol_seeds, welch
 from models.icl.baselines import fine_tune, prefix_tune
 from models.icl.model import ICLModelConfig, ICLTransformer
 from models.icl.reweight import laricl_weights, ricl_weights
@@ -39,7 +45,7 @@ METHODS = ("icl", "ricl", "laricl", "finetune", "prefix")
 
 @dataclass
 class RICLExperiment:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] | int = 5  # an int n: the protocol's n evaluation seeds; a list: those seeds
     instances: int = 2
     n_val: int = 64
     n_test: int = 512
@@ -109,6 +115,7 @@ def run_instance(model: ICLTransformer, task: ICLTask, prompt_kind: str, cfg: RI
             if task.kind == "classification":
                 res["acc"] = ((pred > 0) == (yt > 0)).float().mean().item()
             out[name] = res
+    out["spread"] = {"w_dev": (w_ricl - 1).abs().mean().item()}  # spec test 1: near 0 on balanced prompts
     if task.kind == "classification":  # diagnostic: weight of the over-represented class
         out["weights"] = {"major": w_ricl[prompt.ys > 0].mean().item(), "minor": w_ricl[prompt.ys < 0].mean().item()}
     return out
@@ -118,14 +125,38 @@ def summarise(per_seed: dict[tuple[str, str, str, str], list[float]]) -> dict[tu
     return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in per_seed.items()}
 
 
-def markdown_table(summary: dict[tuple[str, str, str, str], tuple[float, float]]) -> str:
+def gains_table(per_seed: dict[tuple[str, str, str, str], list[float]]) -> str:
+    """Per condition: RICL's and LARICL's test-loss gain over ICL (paired over seeds), the shifted-vs-balanced
+    Welch test of the gain, and RICL's weight spread mean |w - 1| (and, for classification, the weights of the
+    over- and under-represented class)."""
+    lines = ["| task | prompts | RICL gain over ICL | paired p | LARICL gain | paired p | shifted vs balanced "
+             "RICL gain, Welch p | RICL mean abs(w - 1) | w over- / under-represented class |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for kind, pk in CONDITIONS:
+        icl = per_seed[(kind, pk, "icl", "loss")]
+        gain = {m: [a - b for a, b in zip(icl, per_seed[(kind, pk, m, "loss")])] for m in ("ricl", "laricl")}
+        balanced = [a - b for a, b in zip(per_seed[(kind, "balanced", "icl", "loss")],
+                                          per_seed[(kind, "balanced", "ricl", "loss")])]
+        vs = "-" if pk == "balanced" else f"{welch(gain['ricl'], balanced):.2g}"
+        w = per_seed[(kind, pk, "ricl", "w_dev")]
+        cls = "-" if kind != "classification" else (
+            f"{statistics.fmean(per_seed[(kind, pk, 'ricl', 'w_major')]):.3f} / "
+            f"{statistics.fmean(per_seed[(kind, pk, 'ricl', 'w_minor')]):.3f}")
+        lines.append(f"| {kind} | {pk} | {describe(gain['ricl'], '.4f')} | "
+                     f"{paired(icl, per_seed[(kind, pk, 'ricl', 'loss')]):.2g} | {describe(gain['laricl'], '.4f')} | "
+                     f"{paired(icl, per_seed[(kind, pk, 'laricl', 'loss')]):.2g} | {vs} | {describe(w, '.3f')} | "
+                     f"{cls} |")
+    return "\n".join(lines)
+
+
+def markdown_table(per_seed: dict[tuple[str, str, str, str], list[float]]) -> str:
     lines = ["| task | prompts | metric | " + " | ".join(METHODS) + " |",
              "|---|---|---|" + "---|" * len(METHODS)]
     for kind, pk in CONDITIONS:
         metrics = ["loss"] + (["acc"] if kind == "classification" else [])
         for met in metrics:
             name = "test MSE" if (met == "loss" and kind == "regression") else ("test BCE" if met == "loss" else "test acc")
-            cells = [f"{summary[(kind, pk, m, met)][0]:.4f} ± {summary[(kind, pk, m, met)][1]:.4f}" for m in METHODS]
+            cells = [describe(per_seed[(kind, pk, m, met)], ".4f") for m in METHODS]
             lines.append(f"| {kind} | {pk} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -157,6 +188,8 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = RICLExperiment.load(args.config)
+    if isinstance(cfg.seeds, int):
+        cfg.seeds = protocol_seeds(cfg.seeds)
     if args.quick:
         cfg.seeds, cfg.instances, cfg.n_test = cfg.seeds[:2], 1, 128
         cfg.train = {**cfg.train, "steps": 30}
@@ -183,19 +216,24 @@ def main(argv: list[str] | None = None) -> str:
                         v = statistics.fmean(r[m][met] for r in runs)
                         per_seed.setdefault((kind, pk, m, met), []).append(v)
                         tracker.log_metrics({f"{kind}.{pk}.{m}.{met}": v}, step=si)
+                diag = {"w_dev": statistics.fmean(r["spread"]["w_dev"] for r in runs)}
                 if "weights" in runs[0]:
-                    tracker.log_metrics({f"{kind}.{pk}.ricl_w_{c}": statistics.fmean(r["weights"][c] for r in runs)
-                                         for c in ("major", "minor")}, step=si)
+                    diag |= {f"w_{c}": statistics.fmean(r["weights"][c] for r in runs) for c in ("major", "minor")}
+                for key, v in diag.items():
+                    per_seed.setdefault((kind, pk, "ricl", key), []).append(v)
+                tracker.log_metrics({f"{kind}.{pk}.ricl_{key}": v for key, v in diag.items()}, step=si)
                 print(f"[ricl] seed {seed} {kind}/{pk}: " + ", ".join(
                     f"{m} {per_seed[(kind, pk, m, 'loss')][-1]:.4f}" for m in METHODS) + f" ({time.time() - t0:.0f}s)")
         summary = summarise(per_seed)
         for (kind, pk, m, met), (mu, sd) in summary.items():
             tracker.log_metrics({f"{kind}.{pk}.{m}.{met}.mean": mu, f"{kind}.{pk}.{m}.{met}.std": sd}, step=0)
         stamp = dt.date.today().isoformat()
-        table = markdown_table(summary)
+        table = markdown_table(per_seed)
         text = (f"# RICL experiment ({stamp})\n\n`python -m experiments.ricl {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-                f"mean ± std over seeds {cfg.seeds}, {cfg.instances} instances per seed, "
-                f"{cfg.n_val} validation / {cfg.n_test} test points; wall {time.time() - t0:.0f}s\n\n{table}\n")
+                f"mean ± std [95 % t-interval] over {len(cfg.seeds)} seeds {cfg.seeds}, {cfg.instances} instances "
+                f"per seed, {cfg.n_val} validation / {cfg.n_test} test points; learning rates as configured (not "
+                f"tuned); wall {time.time() - t0:.0f}s\n\n{table}\n\nGains (test loss of ICL minus the method's; "
+                f"> 0 is better):\n\n{gains_table(per_seed)}\n")
         (out / "ricl_results.md").write_text(text)
         tracker.log_text(text, "ricl_results.md")
         fig = plot(summary)
