@@ -190,6 +190,7 @@ def _run(tmp_path, name: str, supernodes: int) -> tuple[dict, dict[str, torch.Te
     return summary, torch.load(path)
 
 
+@pytest.mark.slow  # two Ray simulations (~45 s); the default job keeps the unit tests above (packing, the parse cache)
 def test_two_supernodes_give_the_global_model_of_one_node_per_client(tmp_path, monkeypatch):
     one, model_one = _run(tmp_path, "one", 0)
     packs: list[tuple[int, int]] = []  # (node, partitions in its message)
