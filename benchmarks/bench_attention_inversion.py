@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             for n in args.n:
                 for lam in args.lam:
-                    rows = [solve(*problem(p, heads, n, d), lam, args.restarts) for p in range(args.problems)]
-                    ident = [identifiability(problem(p, heads, n, d)[0], n) for p in range(args.problems)]
+                    problems = [problem(p, heads, n, d) for p in range(args.problems)]
+                    rows = [solve(W, X, lam, args.restarts) for W, X in problems]
+                    ident = [identifiability(W, n) for W, _ in problems]
                     sym = sorted({i["symmetry_dim"] for i in ident})
                     table[(heads, d, n, lam)] = rows
                     k = len(rows)

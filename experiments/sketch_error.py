@@ -21,6 +21,7 @@ output's energy a k-sparse column keeps, ||y - T|| / ||T|| (attention outputs ar
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -30,7 +31,7 @@ from models.attention import CountSketch, StreamingSketchAttention, sketch_atten
 from models.attention import sketched_causal_attention
 from models.attention.countsketch import best_k_sparse_error
 from models.attention.sketch import sketch_state_bytes
-from experiments.protocol import describe, interval, seeds
+from experiments.protocol import describe, seeds
 from experiments.script import add_common_args, start
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         for degree in a.degree:
             n = 2 ** l2
             runs = [run(n, degree, a.dim, a.bound, s) for s in eval_seeds]
-            r = res[(n, degree)] = runs[0] | {"err": interval([x["err"] for x in runs])[0],
+            r = res[(n, degree)] = runs[0] | {"err": statistics.fmean(x["err"] for x in runs),
                                               "errs": [x["err"] for x in runs]}
             lines.append(f"| {n} | {degree} | {describe(r['errs'], '.2e')} | {r['sketch_bytes']} | "
                          f"{r['kv_cache_bytes']} |")
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for s in eval_seeds]
             r = res[("countsketch", n)] = runs[0] | {
                 "guarantee_ratio": max(x["guarantee_ratio"] for x in runs),
-                "rel_err": interval([x["rel_err"] for x in runs])[0],
-                "best_k_rel_err": interval([x["best_k_rel_err"] for x in runs])[0]}
+                "rel_err": statistics.fmean(x["rel_err"] for x in runs),
+                "best_k_rel_err": statistics.fmean(x["best_k_rel_err"] for x in runs)}
             lines.append(f"| {n} | {r['width']} x {r['rows']} | {r['bytes_with']} | {r['bytes_without']} | "
                          f"{r['guarantee_ratio']:.3f} | {describe([x['rel_err'] for x in runs], '.3f')} | "
                          f"{describe([x['best_k_rel_err'] for x in runs], '.3f')} |")

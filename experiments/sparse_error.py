@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
 
 from models.attention import sparse_topk_attention, tail_mass, topk_schedule
-from experiments.protocol import describe, interval, seeds
+from experiments.protocol import describe, seeds
 from experiments.script import add_common_args, start
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, l2 in enumerate(a.log2n):
             n = 2 ** l2
             runs = [run(n, beta, a.exponent, a.fixed_k, a.dim, a.queries, s) for s in eval_seeds]
-            r = res[(beta, n)] = {key: (interval([x[key] for x in runs])[0] if key[0] != "k" else runs[0][key])
+            r = res[(beta, n)] = {key: (statistics.fmean(x[key] for x in runs) if key[0] != "k" else runs[0][key])
                                   for key in runs[0]}
             cell = {key: describe([x[key] for x in runs], ".4f") for key in runs[0] if key[0] != "k"}
             lines.append(f"| {beta} | {n} | {r['k_nC']} | {cell['err_nC']} | {cell['tau_nC']} | {r['k_fixed']} | "

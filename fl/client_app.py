@@ -56,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     if PACK_KEY not in msg.content:
         return Message(_train_one(msg.content, _partition_id(context), context, STATE_KEY), reply_to=msg)
     results: list[tuple[int, RecordDict | str]] = []
-    shared: dict[tuple[str, int], object] = {}  # the members share one config and one global model: parse once
+    shared: dict[tuple[str, int], Any] = {}  # the members share one config and one global model: parse once
     for pid, content in members_of(msg.content):
         try:
             results.append((pid, _train_one(content, pid, context, f"{STATE_KEY}.{pid}", shared)))

@@ -106,10 +106,9 @@ def sketch_attention(q: Tensor, k: Tensor, v: Tensor, degree: int = 2, causal: b
     the streaming state (bottom-right aligned), so extra memory is O(chunk * t + t * d_v), flat in n.
     """
     _check_degree(degree)
-    b, h, nq, _ = q.shape
-    nk = k.shape[2]
-    kf_scale = 1.0 if key_mask is None else key_mask[:, None, :, None].to(q.dtype)  # [b,1,nk,1]
     if not causal:
+        nq, nk = q.shape[2], k.shape[2]
+        kf_scale = 1.0 if key_mask is None else key_mask[:, None, :, None].to(q.dtype)  # [b,1,nk,1]
         M, s = 0.0, 0.0
         for j0 in range(0, nk, chunk):
             fk = taylor_features(k[:, :, j0:j0 + chunk], degree, scale)
